@@ -1,0 +1,183 @@
+"""Typed configuration: OmegaConf YAML over a dataclass schema.
+
+``load_config("configs/X.yaml", ["causal.sink_policy=static", ...])`` merges, in order, the schema defaults,
+the YAML file and dotlist overrides. The schema defaults *are* ``configs/default.yaml`` (a test keeps the two
+identical), and they reproduce the reference release. An unknown key, a value of the wrong type or an invalid
+value fails with a :class:`ConfigError` naming the key and the file it came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401  (MISSING re-exported for schemas)
+from omegaconf.errors import OmegaConfBaseException
+
+from .models.kv_cache import SINK_POLICIES, CausalSpec
+
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or invalid."""
+
+
+@dataclass
+class ModelConfig:
+    generator: str = "1.3B"  # causal student flavor: tiny | 1.3B | 14B
+    critic: str = "1.3B"  # fake score
+    teacher: str = "14B"  # real score
+    text_encoder: str = "umt5-xxl"  # umt5-xxl | tiny
+    vae: str = "wan2.1"  # wan2.1 | tiny
+    random_init: bool = False  # build random weights instead of loading checkpoints (tiny debug runs)
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class CausalConfig:
+    """The student's attention pattern; see reward_forcing/models/kv_cache.py."""
+
+    frames_per_block: int = 3  # latent frames per chunk (12 video frames)
+    local_attn_size: int = 9  # attention window in latent frames, sink included; -1 = global
+    sink_size: int = 3  # sink frames, initialised from the first frames
+    sink_policy: str = "ema"  # none | static | ema
+    ema_alpha: float = 0.999  # EMA-Sink decay (the reference's hard-coded value)
+
+    def spec(self) -> CausalSpec:
+        return CausalSpec(self.frames_per_block, self.local_attn_size, self.sink_size, self.sink_policy,
+                          self.ema_alpha)
+
+
+@dataclass
+class ScheduleConfig:
+    timestep_shift: float = 5.0
+    num_train_timesteps: int = 1000
+    denoising_step_list: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    warp_denoising_step: bool = True  # map the list through the shifted grid: [1000, 937.5, 833.33, 625]
+    context_noise: float = 0.0  # timestep of the cache-writing context pass after each block
+
+
+@dataclass
+class VideoConfig:
+    height: int = 480  # pixels
+    width: int = 832
+    num_output_frames: int = 21  # latent frames (21 -> 81 video frames)
+    fps: int = 16
+
+
+@dataclass
+class TextConfig:
+    negative_prompt: str = WAN_NEGATIVE_PROMPT  # used by the teacher's CFG in training
+    offload_text_encoder: bool = False  # move UMT5 back to the CPU after encoding (small GPUs)
+
+
+@dataclass
+class TrainingConfig:
+    """Re-DMD settings of the reference run (spec 4.1)."""
+
+    generator_ckpt: str = "checkpoints/ode_init.pt"
+    data_path: str = "prompts/vidprom_filtered_extended.txt"
+    lr: float = 2e-6
+    lr_critic: float = 4e-7
+    beta1: float = 0.0
+    beta2: float = 0.999
+    weight_decay: float = 0.01
+    max_grad_norm_generator: float = 10.0
+    max_grad_norm_critic: float = 10.0
+    batch_size: int = 1  # per GPU
+    gradient_accumulation_steps: int = 8
+    dfake_gen_update_ratio: int = 5
+    max_steps: int = 601
+    ema_weight: float = 0.99
+    ema_start_step: int = 200
+    beta: float = 2.0  # reward temperature: weight exp(beta * MQ)
+    guidance_scale: float = 3.0  # teacher CFG
+    num_training_frames: int = 21
+    min_timestep: float = 20.0
+    max_timestep: float = 980.0
+    mixed_precision: bool = True
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 100
+
+
+@dataclass
+class Config:
+    checkpoint_root: str = "checkpoints"  # folder laid out as download_checkpoints.sh writes it
+    model: ModelConfig = field(default_factory=ModelConfig)
+    causal: CausalConfig = field(default_factory=CausalConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+_FLAVORS = ("tiny", "1.3B", "14B")
+
+
+def _validate(cfg: Config, source: str) -> None:
+    def fail(key, msg):
+        raise ConfigError(f"{source}: {key}: {msg}")
+
+    for key in ("generator", "critic", "teacher"):
+        if getattr(cfg.model, key) not in _FLAVORS:
+            fail(f"model.{key}", f"{getattr(cfg.model, key)!r} is not one of {_FLAVORS}")
+    if cfg.model.text_encoder not in ("umt5-xxl", "tiny"):
+        fail("model.text_encoder", f"{cfg.model.text_encoder!r} is not 'umt5-xxl' or 'tiny'")
+    if cfg.model.vae not in ("wan2.1", "tiny"):
+        fail("model.vae", f"{cfg.model.vae!r} is not 'wan2.1' or 'tiny'")
+    if cfg.causal.sink_policy not in SINK_POLICIES:
+        fail("causal.sink_policy", f"{cfg.causal.sink_policy!r} is not one of {SINK_POLICIES}")
+    try:
+        cfg.causal.spec()
+    except ValueError as err:
+        fail("causal", str(err))
+    if cfg.video.num_output_frames % cfg.causal.frames_per_block:
+        fail("video.num_output_frames", f"{cfg.video.num_output_frames} latent frames is not a multiple of "
+             f"causal.frames_per_block={cfg.causal.frames_per_block}")
+    if cfg.video.height % 16 or cfg.video.width % 16:
+        fail("video", f"height x width {cfg.video.height}x{cfg.video.width} must be multiples of 16 "
+             "(VAE stride 8 times the 2x2 patch)")
+    for step in cfg.schedule.denoising_step_list:
+        if not 0 < step <= cfg.schedule.num_train_timesteps:
+            fail("schedule.denoising_step_list", f"step {step} outside (0, {cfg.schedule.num_train_timesteps}]")
+
+
+def _merge(base: DictConfig, other, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: bad config key {key!r}: {first}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema defaults <- YAML file <- ``key=value`` overrides; returns a validated :class:`Config`."""
+    cfg = OmegaConf.structured(Config)
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (configs/ has default.yaml, "
+                              "reward_forcing.yaml, tiny.yaml)")
+        source = str(path)
+        cfg = _merge(cfg, OmegaConf.load(path), source)
+    if overrides:
+        source = f"{source} + overrides {overrides}"
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"bad override in {overrides}: {str(err).splitlines()[0]}") from None
+        cfg = _merge(cfg, dotlist, "command-line overrides")
+    obj: Config = OmegaConf.to_object(cfg)
+    _validate(obj, source)
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

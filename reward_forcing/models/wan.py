@@ -1,0 +1,472 @@
+"""Wan2.1 text-to-video DiT, written once for its three roles.
+
+* **bidirectional** (teacher "real score", critic "fake score"): ``model(x, t[B], context)``;
+* **streaming** (the causal student at inference and in the self-forcing rollout): a chunk of latent frames
+  with per-frame timesteps ``t[B, F]`` against a :class:`~reward_forcing.models.kv_cache.KVCache`:
+  ``model(x, t, context, kv_cache=cache, start_frame=f0)``;
+* **block-causal** over a whole sequence without a cache (teacher forcing / ODE regression):
+  ``model(x, t[B, F], context, causal=True)``; equals streaming the same inputs chunk by chunk.
+
+Parameter names are those of the released checkpoints (``blocks.0.self_attn.q.weight``, ``head.modulation``,
+...), so Wan2.1 safetensors, ``ode_init.pt`` and ``rewardforcing.pt`` load without renaming (beyond the
+``model.`` prefix, see ``reward_forcing/checkpoints.py``).
+
+Layout inside the DiT: latents ``[B, C, F, H, W]``; output is the flow ``v = noise - x0`` in the same layout.
+Numerics follow the reference (spec section 1): sinusoidal time embedding and RoPE in float64, RMSNorm in
+float32, everything else in the activation dtype.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import attention
+from .kv_cache import CacheStep, CausalSpec, KVCache, LayerKV, rank_positions
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class WanConfig:
+    """Architecture numbers of a Wan2.1 DiT (spec 1.1)."""
+
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int = 16
+    out_dim: int = 16
+    freq_dim: int = 256
+    text_len: int = 512
+    text_dim: int = 4096
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"head_dim {self.head_dim} must be even and >= 6 for the 3-D RoPE split")
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_flavor(cls, flavor: str, **overrides) -> "WanConfig":
+        if flavor not in WAN_FLAVORS:
+            raise ValueError(f"unknown Wan flavor {flavor!r}; choose one of {sorted(WAN_FLAVORS)}")
+        return cls(**{**asdict(WAN_FLAVORS[flavor]), **overrides})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "WanConfig":
+        """Read a Wan2.1 ``config.json`` (HF layout). Fields it lacks (text_dim, patch_size) keep their defaults,
+        as the reference does (they are ``ignore_for_config`` there)."""
+        raw = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+WAN_FLAVORS = {
+    # The golden tiny model (../shared/golden/wan_tiny_config.json): runs everything on a CPU.
+    "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
+    "1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+}
+
+
+# ---------------------------------------------------------------------------------------- embeddings
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """``[cos(t w), sin(t w)]`` with ``w_j = 10000^(-j/half)``, in float64 (raw t in [0, 1000])."""
+    half = dim // 2
+    t = t.to(torch.float64)
+    angles = torch.outer(t, torch.pow(10000, -torch.arange(half, device=t.device, dtype=torch.float64).div(half)))
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class RotaryEmbedding:
+    """3-D RoPE over (frame, row, column) on adjacent channel pairs; head_dim split 44/42/42 for 128.
+
+    Frame positions are given explicitly (window-relative in the streaming cache), so there is no 1024-entry
+    table and no length limit. Tables are memoised per (positions, grid, device).
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        pairs = head_dim // 2
+        self.axis_pairs = (pairs - 2 * (pairs // 3), pairs // 3, pairs // 3)
+        # Each axis has its own exponent base (its own dimension), as in the reference.
+        self.inv_freq = [
+            1.0 / torch.pow(theta, torch.arange(0, 2 * n, 2, dtype=torch.float64).div(2 * n)) for n in self.axis_pairs
+        ]
+        self._memo: dict = {}
+
+    def _axis(self, axis: int, positions: torch.Tensor) -> torch.Tensor:
+        angles = torch.outer(positions.to(torch.float64), self.inv_freq[axis].to(positions.device))
+        return torch.polar(torch.ones_like(angles), angles)
+
+    def freqs(self, frame_positions, height: int, width: int, device) -> torch.Tensor:
+        """Complex128 ``[len(frame_positions) * height * width, 1, head_dim/2]`` in token order (f, h, w)."""
+        key = (tuple(frame_positions), height, width, str(device))
+        table = self._memo.get(key)
+        if table is None:
+            if len(self._memo) > 256:
+                self._memo.clear()
+            f = len(frame_positions)
+            ft = self._axis(0, torch.tensor(list(frame_positions), device=device))
+            fh = self._axis(1, torch.arange(height, device=device))
+            fw = self._axis(2, torch.arange(width, device=device))
+            table = torch.cat([
+                ft.view(f, 1, 1, -1).expand(f, height, width, -1),
+                fh.view(1, height, 1, -1).expand(f, height, width, -1),
+                fw.view(1, 1, width, -1).expand(f, height, width, -1),
+            ], dim=-1).reshape(f * height * width, 1, -1)
+            self._memo[key] = table
+        return table
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, L, heads, head_dim]`` by complex ``freqs [L, 1, head_dim/2]`` (float64 math)."""
+    b, n, h, d = x.shape
+    rotated = torch.view_as_complex(x.to(torch.float64).reshape(b, n, h, d // 2, 2)) * freqs
+    return torch.view_as_real(rotated).flatten(3).type_as(x)
+
+
+# -------------------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in float32, with a learnable weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class _AttentionLayout:
+    """How self-attention is wired for one forward call; built once and shared by every layer."""
+
+    def __init__(self, rope: RotaryEmbedding, grid: tuple[int, int, int], device):
+        self.rope, self.grid, self.device = rope, grid, device
+        self.step: CacheStep | None = None
+        self.q_freqs = self.k_freqs = None
+        self.sink_groups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.mask: torch.Tensor | None = None
+
+    def freqs(self, frame_positions) -> torch.Tensor:
+        return self.rope.freqs(frame_positions, self.grid[1], self.grid[2], self.device)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, layout: _AttentionLayout, layer_kv: LayerKV | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        heads = (b, n, self.num_heads, self.head_dim)
+        q = self.norm_q(self.q(x)).view(heads)
+        k = self.norm_k(self.k(x)).view(heads)  # the cache stores keys here: normed, before RoPE
+        v = self.v(x).view(heads)
+        mask = None
+        if layer_kv is not None:  # streaming: attend to sink + window from the cache
+            k, v, key_positions = layer_kv.attend(k, v)
+            q = apply_rope(q, layout.freqs(layout.step.query_positions))
+            k = apply_rope(k, layout.freqs(key_positions))
+        else:
+            q = apply_rope(q, layout.q_freqs)
+            keys, values = [apply_rope(k, layout.k_freqs)], [v]
+            for tokens, freqs in layout.sink_groups:  # block-causal: the sink re-positioned per query block
+                keys.append(apply_rope(k.index_select(1, tokens), freqs))
+                values.append(v.index_select(1, tokens))
+            k, v, mask = torch.cat(keys, 1), torch.cat(values, 1), layout.mask
+        return self.o(attention(q, k, v, mask).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to the 512 embedded text rows (no RoPE, no mask: padding rows included)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = context.shape
+        k = self.norm_k(self.k(context)).view(b, n, self.num_heads, self.head_dim)
+        v = self.v(context).view(b, n, self.num_heads, self.head_dim)
+        return k, v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, kv=None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)
+        k, v = kv if kv is not None else self.context_kv(context)
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class WanBlock(nn.Module):
+    """Modulated self-attention, cross-attention, modulated FFN (spec 1.4)."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = nn.LayerNorm(dim, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e0, context, layout, layer_kv=None, context_kv=None):
+        """x ``[B, L, dim]``; e0 ``[B, G, 6, dim]``: one modulation per group of L/G tokens (a frame, or all)."""
+        groups = e0.shape[1]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+
+        def grouped(t):  # [B, L, dim] -> [B, G, L/G, dim] to broadcast per-group modulation
+            return t.unflatten(1, (groups, -1))
+
+        y = self.self_attn((grouped(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2), layout, layer_kv)
+        x = x + (grouped(y) * gate1).flatten(1, 2)
+        x = x + self.cross_attn(self.norm3(x), context, context_kv)
+        y = self.ffn((grouped(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2))
+        return x + (grouped(y) * gate2).flatten(1, 2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x ``[B, L, dim]``; e ``[B, G, dim]`` (the time embedding before the 6-way projection)."""
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
+        x = self.norm(x).unflatten(1, (e.shape[1], -1)) * (1 + scale) + shift
+        return self.head(x).flatten(1, 2)
+
+
+@dataclass
+class TextContext:
+    """Embedded text (``[B, text_len, dim]``) plus, for inference, each layer's cross-attention K/V.
+
+    Built by :meth:`WanModel.prepare_context` once per prompt; reusing it skips the text MLP and the
+    cross-attention projections on every call. Do not reuse it under grad: its K/V are detached from the
+    weights that produced them.
+    """
+
+    embedded: torch.Tensor
+    layer_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- model
+class WanModel(nn.Module):
+    """The Wan2.1 DiT. See the module docstring for the three call modes."""
+
+    def __init__(self, config: WanConfig, causal: CausalSpec | None = None):
+        super().__init__()
+        self.config = config
+        self.causal = causal or CausalSpec()
+        self.gradient_checkpointing = False
+        cfg = config
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.rope = RotaryEmbedding(cfg.head_dim)  # plain attribute: no tensor in the state dict
+
+    # ---------------------------------------------------------------------------------- utilities
+    @classmethod
+    def from_flavor(cls, flavor: str, causal: CausalSpec | None = None, **overrides) -> "WanModel":
+        return cls(WanConfig.from_flavor(flavor, **overrides), causal)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> "WanModel":
+        self.gradient_checkpointing = enabled
+        return self
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        """Tokens per latent frame of size ``height x width`` (1560 for 60x104 with a 2x2 patch)."""
+        _, ph, pw = self.config.patch_size
+        if height % ph or width % pw:
+            raise ValueError(f"latent size {height}x{width} is not divisible by the patch {ph}x{pw}")
+        return (height // ph) * (width // pw)
+
+    def new_kv_cache(self, batch_size: int, height: int, width: int, *, max_frames: int | None = None,
+                     spec: CausalSpec | None = None, device=None, dtype=None) -> KVCache:
+        """A streaming cache for latents of ``height x width`` (latent pixels)."""
+        return KVCache.for_model(self, batch_size=batch_size, frame_tokens=self.tokens_per_frame(height, width),
+                                 spec=spec, max_frames=max_frames, device=device, dtype=dtype)
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """``[B, L <= text_len, text_dim]`` -> zero-pad to ``text_len`` rows -> text MLP -> ``[B, text_len, dim]``."""
+        b, n, d = context.shape
+        if n > self.config.text_len:
+            raise ValueError(f"context has {n} rows; the model takes at most text_len={self.config.text_len}")
+        if d != self.config.text_dim:
+            raise ValueError(f"context width {d} != text_dim {self.config.text_dim} of this model")
+        if n < self.config.text_len:
+            context = torch.cat([context, context.new_zeros(b, self.config.text_len - n, d)], dim=1)
+        return self.text_embedding(context)
+
+    def prepare_context(self, context: torch.Tensor) -> TextContext:
+        """Embed the text and precompute every layer's cross-attention K/V (inference, once per prompt)."""
+        embedded = self.embed_text(context)
+        return TextContext(embedded, [blk.cross_attn.context_kv(embedded) for blk in self.blocks])
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor | TextContext,
+        *,
+        kv_cache: KVCache | None = None,
+        start_frame: int = 0,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """Predict the flow for latents ``x [B, C, F, H, W]``.
+
+        timestep: ``[B]`` (one per sample) or ``[B, F]`` (per latent frame), raw values in [0, 1000].
+        context: text-encoder output ``[B, L, text_dim]`` or a :class:`TextContext`.
+        kv_cache / start_frame: streaming mode; ``x`` holds frames ``[start_frame, start_frame + F)``.
+        causal: block-causal attention over the whole sequence (``self.causal`` gives block/window/sink).
+        Returns the flow ``[B, out_dim, F, H, W]``.
+        """
+        if kv_cache is not None and causal:
+            raise ValueError("pass either kv_cache (streaming) or causal=True (whole sequence), not both")
+        b = x.shape[0]
+        x = self.patch_embedding(x)
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)
+
+        if timestep.dim() == 1:
+            timestep = timestep[:, None]  # one modulation for all tokens
+        elif timestep.shape[1] != grid[0]:
+            raise ValueError(f"per-frame timesteps have {timestep.shape[1]} entries for {grid[0]} latent frames")
+        groups = timestep.shape[1]
+        e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, timestep.flatten()).type_as(x))
+        e0 = self.time_projection(e).unflatten(1, (6, self.config.dim)).unflatten(0, (b, groups))
+        e = e.unflatten(0, (b, groups))
+
+        if isinstance(context, TextContext):
+            text, context_kv = context.embedded, context.layer_kv
+        else:
+            text, context_kv = self.embed_text(context), []
+
+        layout = _AttentionLayout(self.rope, grid, x.device)
+        if kv_cache is not None:
+            layout.step = kv_cache.begin(start_frame, grid[0])
+        elif causal:
+            self._block_causal_layout(layout)
+        else:
+            layout.q_freqs = layout.k_freqs = layout.freqs(range(grid[0]))
+
+        for i, block in enumerate(self.blocks):
+            layer_kv = kv_cache.layer(i, layout.step) if kv_cache is not None else None
+            ckv = context_kv[i] if context_kv else None
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0, text, layout, layer_kv, ckv, use_reentrant=False)
+            else:
+                x = block(x, e0, text, layout, layer_kv, ckv)
+            if layer_kv is not None:
+                layer_kv.commit()
+        return self.unpatchify(self.head(x, e), grid)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """``[B, f*h*w, prod(patch)*C]`` -> ``[B, C, f*pt, h*ph, w*pw]``."""
+        b, c = x.shape[0], self.config.out_dim
+        pt, ph, pw = self.config.patch_size
+        f, h, w = grid
+        x = x.view(b, f, h, w, pt, ph, pw, c)
+        return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(b, c, f * pt, h * ph, w * pw)
+
+    def _block_causal_layout(self, layout: _AttentionLayout) -> None:
+        """Dense mask + re-positioned sink copies that make one pass equal chunk-by-chunk streaming.
+
+        Queries and window keys use absolute frame positions: inside the window, query-key offsets equal the
+        streaming (window-relative) ones. Sink keys sit at positions 0..S-1 of every window, so each query
+        block gets its own copy of the sink rotated to where that window would put it. The sink is the first
+        frames verbatim (the reference's training-time cache, which never evicts); EMA folding only happens
+        on evictions in a streaming cache.
+        """
+        spec = self.causal
+        f, h, w = layout.grid
+        tokens = h * w
+        sink, block = spec.sink_frames, spec.frames_per_block
+        ring = math.inf if spec.local_attn_size == -1 else spec.local_attn_size - sink
+        device = layout.device
+        layout.q_freqs = layout.k_freqs = layout.freqs(range(f))
+        frame_mask = torch.zeros(f, f, dtype=torch.bool)
+        sink_masks = []
+        for start in range(0, f, block):
+            end = min(start + block, f)
+            first_window = max(sink, end - ring) if ring != math.inf else sink
+            frame_mask[start:end, max(first_window, sink):end] = True
+            n_sink = min(sink, end)
+            if n_sink:
+                held = list(range(n_sink)) + list(range(max(first_window, sink), end))
+                offset = start - rank_positions(held)[start]  # absolute - window-relative query position
+                frame_ids = torch.arange(n_sink, device=device)
+                token_ids = (frame_ids[:, None] * tokens + torch.arange(tokens, device=device)).reshape(-1)
+                layout.sink_groups.append((token_ids, layout.freqs([j + offset for j in range(n_sink)])))
+                m = torch.zeros(f, n_sink, dtype=torch.bool)
+                m[start:end] = True
+                sink_masks.append(m)
+        frame_mask = torch.cat([frame_mask, *sink_masks], dim=1)
+        layout.mask = frame_mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1).to(device)
+
+
+# ------------------------------------------------------------------------------------ initialisers
+@torch.no_grad()
+def init_weights_(model: WanModel) -> WanModel:
+    """The reference initialisation (spec 1.6): Xavier Linear/patch weights, zero biases, N(0, .02) embeddings,
+    zero head weight - so a fresh model predicts flow 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.xavier_uniform_(model.patch_embedding.weight.flatten(1))
+    for seq in (model.text_embedding, model.time_embedding):
+        for m in seq.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+    nn.init.zeros_(model.head.head.weight)
+    return model
+
+
+@torch.no_grad()
+def init_random_(model: WanModel, seed: int = 0) -> WanModel:
+    """A non-degenerate random init for tiny test/debug models (the golden files' rules): modulation N(0, .2^2),
+    norm weights 1 + N(0, .1^2), biases N(0, .05^2), other weights N(0, 1/fan_in). Unlike the reference init it
+    does not zero the head, so predictions depend on every input."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("modulation"):
+            values = torch.randn(p.shape, generator=gen) * 0.2
+        elif "norm" in name and name.endswith("weight"):
+            values = 1 + torch.randn(p.shape, generator=gen) * 0.1
+        elif name.endswith("bias"):
+            values = torch.randn(p.shape, generator=gen) * 0.05
+        else:
+            values = torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel())
+        p.copy_(values.to(p.dtype))
+    return model

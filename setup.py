@@ -1,0 +1,32 @@
+"""reward-forcing: streaming text-to-video with Reward Forcing (arXiv 2512.04678).
+
+Install torch first (``pip install torch==2.13.0`` on CPU, or the CUDA build you want), then
+``pip install -e ".[dev]"``. flash-attn is an optional extra that no default install pulls.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+requirements = [
+    line.split("#")[0].strip()
+    for line in (here / "requirements.txt").read_text().splitlines()
+    if line.split("#")[0].strip()
+]
+
+setup(
+    name="reward-forcing",
+    version="0.1.0",
+    description="Streaming text-to-video with Reward Forcing: causal Wan2.1 student, EMA-Sink KV cache, Re-DMD",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["reward_forcing", "reward_forcing.*"]),
+    python_requires=">=3.10",
+    install_requires=requirements,
+    extras_require={
+        "dev": ["pytest>=8"],
+        "wandb": ["wandb>=0.18"],
+        # GPU hosts only, installed by hand: pip install --no-build-isolation flash-attn
+        "flash": ["flash-attn>=2.7; platform_system=='Linux' and platform_machine=='x86_64'"],
+    },
+)

@@ -1,0 +1,47 @@
+"""Configs: the schema is configs/default.yaml, shipped configs load, and bad input names key and file."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from reward_forcing.config import Config, ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_default_yaml_is_the_schema():
+    assert OmegaConf.to_container(OmegaConf.load(CONFIGS / "default.yaml")) == \
+        OmegaConf.to_container(OmegaConf.structured(Config))
+
+
+def test_shipped_configs_load():
+    ref = load_config(CONFIGS / "reward_forcing.yaml")
+    assert (ref.model.generator, ref.model.teacher) == ("1.3B", "14B")
+    assert ref.causal.spec().sink_policy == "ema" and ref.causal.local_attn_size == 9
+    assert ref.training.lr == 2e-6 and ref.training.beta == 2.0
+    tiny = load_config(CONFIGS / "tiny.yaml", ["causal.sink_policy=static", "video.num_output_frames=9"])
+    assert tiny.model.generator == "tiny" and tiny.model.random_init
+    assert tiny.causal.sink_policy == "static" and tiny.video.num_output_frames == 9
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("model:\n  genrator: tiny\n", "model.genrator"),
+    ("causal:\n  local_attn_size: nine\n", "causal.local_attn_size"),
+    ("causal:\n  sink_policy: lru\n", "causal.sink_policy"),
+    ("causal:\n  local_attn_size: 4\n", "causal"),
+    ("video:\n  num_output_frames: 20\n", "video.num_output_frames"),
+    ("model:\n  generator: 7B\n", "model.generator"),
+])
+def test_bad_values_name_key_and_file(tmp_path, yaml_text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_bad_overrides_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="causal.foo"):
+        load_config(CONFIGS / "tiny.yaml", ["causal.foo=1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
