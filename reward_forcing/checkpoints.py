@@ -1,0 +1,506 @@
+"""Checkpoint formats, folder layout and key conversion for the Wan2.1 DiT: the one place for all of it.
+
+Users arrive with files written by several programs, and every one of them must load into our
+``WanModel`` with no further renaming:
+
+* HF base weights: ``Wan2.1-T2V-1.3B/diffusion_pytorch_model.safetensors`` (or a sharded folder with
+  ``diffusion_pytorch_model.safetensors.index.json``, as for the 14B) -- plain DiT keys
+  (``blocks.0.self_attn.q.weight``).
+* The released student ``Reward-Forcing-T2V-1.3B/rewardforcing.pt``: a *flat* state dict of the
+  reference ``WanDiffusionWrapper``, so every key carries a ``model.`` prefix.
+* Reference trainer checkpoints ``checkpoint_model_NNNNNN/model.pt``: ``{"generator", "critic"}`` plus
+  ``"generator_ema"`` once EMA has started (step > 200). The EMA copy was read from the FSDP-wrapped
+  module and may carry ``_fsdp_wrapped_module.`` (or compile / activation-checkpoint) name segments.
+* ``ode_init.pt`` (Self-Forcing): ``{"generator": ...}`` or ``{"model": ...}``.
+
+``read_state_dict`` reads any of these files as they are, ``select_generator_weights`` picks the right
+sub-dict and normalises the key names, ``load_weights`` loads with short, actionable error messages,
+and ``atomic_save`` / ``export_reference_checkpoint`` write files that the reference ``inference.py``
+can also read, without ever leaving a half-written file behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "WAN_1_3B_DIR", "WAN_14B_DIR", "VIDEO_REWARD_DIR", "VIDEO_REWARD_ALIASES", "ODE_INIT",
+    "RELEASED_GENERATOR", "WAN_VAE", "WAN_T5", "WAN_TOKENIZER", "DIT_CONFIG", "DIT_SAFETENSORS",
+    "DIT_SAFETENSORS_INDEX", "DIT_NUM_KEYS", "ASSETS", "Asset",
+    "read_state_dict", "select_generator_weights", "load_generator_state_dict", "normalize_key",
+    "load_weights", "atomic_save", "export_reference_checkpoint",
+    "resolve_checkpoint_root", "require_file", "asset_path", "find_video_reward_dir",
+]
+
+# --------------------------------------------------------------------------------------------------
+# Expected layout under the checkpoint root (default ``checkpoints/``). download_checkpoints.sh
+# creates exactly these names; keep the two in sync.
+# --------------------------------------------------------------------------------------------------
+WAN_1_3B_DIR = "Wan2.1-T2V-1.3B"
+WAN_14B_DIR = "Wan2.1-T2V-14B"
+# The reference code says ``VideoReward`` while its README / download script say ``Videoreward``
+# (reference quirk 11). We download to ``VideoReward`` and also accept the other spelling.
+VIDEO_REWARD_DIR = "VideoReward"
+VIDEO_REWARD_ALIASES = ("Videoreward",)
+ODE_INIT = "ode_init.pt"
+RELEASED_GENERATOR = "Reward-Forcing-T2V-1.3B/rewardforcing.pt"
+# Files inside a Wan2.1-T2V-* folder.
+WAN_VAE = "Wan2.1_VAE.pth"
+WAN_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+WAN_TOKENIZER = "google/umt5-xxl"
+DIT_CONFIG = "config.json"
+DIT_SAFETENSORS = "diffusion_pytorch_model.safetensors"
+DIT_SAFETENSORS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+# Number of state-dict keys of each DiT size (spec/checkpoint_keys.tsv); used to name what a key
+# count looks like in error messages. Causal and bidirectional models have identical keys.
+DIT_NUM_KEYS = {"Wan2.1-T2V-1.3B": 825, "Wan2.1-T2V-14B": 1095}
+# Model width (patch_embedding.weight.shape[0]) of each size, to recognise a wrong-size checkpoint.
+_DIT_DIM = {1536: "Wan2.1-T2V-1.3B", 5120: "Wan2.1-T2V-14B"}
+
+_RELEASED_DIR = RELEASED_GENERATOR.split("/")[0]
+_DOWNLOAD_HINT = "run `bash download_checkpoints.sh`"
+_DOWNLOAD_HINT_TRAIN = "run `bash download_checkpoints.sh --train`"
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One thing expected under the checkpoint root: where it lives and how to get it."""
+
+    relpath: str
+    what: str
+    train_only: bool = False
+
+
+ASSETS: dict[str, Asset] = {
+    "wan_1_3b": Asset(WAN_1_3B_DIR, "Wan2.1-T2V-1.3B base weights folder"),
+    "wan_1_3b_dit": Asset(f"{WAN_1_3B_DIR}/{DIT_SAFETENSORS}", "Wan2.1-T2V-1.3B DiT weights"),
+    "vae": Asset(f"{WAN_1_3B_DIR}/{WAN_VAE}", "Wan2.1 VAE weights"),
+    "t5": Asset(f"{WAN_1_3B_DIR}/{WAN_T5}", "umt5-xxl text encoder weights"),
+    "tokenizer": Asset(f"{WAN_1_3B_DIR}/{WAN_TOKENIZER}", "umt5-xxl tokenizer folder"),
+    "released_generator": Asset(RELEASED_GENERATOR, "released Reward Forcing generator (rewardforcing.pt)"),
+    "wan_14b": Asset(WAN_14B_DIR, "Wan2.1-T2V-14B teacher weights folder", train_only=True),
+    "video_reward": Asset(VIDEO_REWARD_DIR, "VideoReward reward model folder", train_only=True),
+    "ode_init": Asset(ODE_INIT, "ODE-initialised student (ode_init.pt)", train_only=True),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------------
+def _hint(train: bool) -> str:
+    return _DOWNLOAD_HINT_TRAIN if train else _DOWNLOAD_HINT
+
+
+def resolve_checkpoint_root(root: str | os.PathLike | None = "checkpoints") -> Path:
+    """Return the checkpoint root as a Path, or raise FileNotFoundError saying how to create it.
+
+    Checked up front so that a wrong ``--checkpoint_root`` fails with one clear line instead of a
+    deep error from whichever loader touches the folder first.
+    """
+    path = Path(root if root is not None else "checkpoints").expanduser()
+    if not path.is_dir():
+        kind = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"checkpoint root '{path}' {kind}. It should hold {WAN_1_3B_DIR}/ and "
+            f"{_RELEASED_DIR}/; {_DOWNLOAD_HINT} (add `--root {path}` to download there, or pass the "
+            f"folder where you already keep them)."
+        )
+    return path
+
+
+def require_file(path: str | os.PathLike, what: str, *, train: bool = False) -> Path:
+    """Return ``path`` if it exists (file or folder), else raise FileNotFoundError naming it.
+
+    ``what`` says in words what the file is ("Wan2.1-T2V-1.3B base weights"); ``train`` selects the
+    download hint (training assets need ``download_checkpoints.sh --train``).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"missing {what}: '{p}' does not exist; {_hint(train)}.")
+    return p
+
+
+def find_video_reward_dir(root: str | os.PathLike) -> Path:
+    """Locate the VideoReward folder under ``root``, accepting the README's ``Videoreward`` spelling."""
+    root = Path(root).expanduser()
+    preferred = root / VIDEO_REWARD_DIR
+    if preferred.is_dir():
+        return preferred
+    for alias in VIDEO_REWARD_ALIASES:
+        candidate = root / alias
+        if candidate.is_dir():
+            warnings.warn(
+                f"using '{candidate}' (the reference README's spelling); this project downloads the "
+                f"reward model to '{preferred}'. Both work.",
+                stacklevel=2,
+            )
+            return candidate
+    raise FileNotFoundError(
+        f"missing VideoReward reward model: neither '{preferred}' nor "
+        f"{', '.join(repr(str(root / a)) for a in VIDEO_REWARD_ALIASES)} exists; {_DOWNLOAD_HINT_TRAIN}."
+    )
+
+
+def asset_path(root: str | os.PathLike, name: str, *, must_exist: bool = True) -> Path:
+    """Path of a known asset (a key of ``ASSETS``) under ``root``; checks existence by default."""
+    if name not in ASSETS:
+        raise KeyError(f"unknown asset '{name}'; known: {', '.join(sorted(ASSETS))}")
+    asset = ASSETS[name]
+    if name == "video_reward" and must_exist:
+        return find_video_reward_dir(root)
+    path = Path(root).expanduser() / asset.relpath
+    if must_exist:
+        require_file(path, asset.what, train=asset.train_only)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
+def _load_sharded_safetensors(index_path: Path) -> dict[str, torch.Tensor]:
+    """Read an HF ``*.safetensors.index.json`` and every shard it names (from the same folder)."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"'{index_path}' is not a safetensors index (no valid 'weight_map'): {e}") from e
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (index_path.parent / s).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"'{index_path}' names {len(shards)} shards but {len(missing)} are missing "
+            f"(first: {missing[0]}); the download is incomplete -- {_DOWNLOAD_HINT} again."
+        )
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        out.update(_load_safetensors(index_path.parent / shard))
+    absent = set(weight_map) - set(out)
+    if absent:
+        raise ValueError(f"{len(absent)} keys listed in '{index_path}' are in none of its shards, "
+                         f"e.g. {sorted(absent)[:3]}")
+    return out
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only (no arbitrary code from pickles) and mmap when the format allows."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            # Files written with the legacy (non-zip) serialisation cannot be memory-mapped.
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise RuntimeError(
+                f"'{path}' contains Python objects other than tensors and plain containers, so it was "
+                f"not unpickled (torch.load weights_only=True protects against code in pickles). "
+                f"Re-save just the state dict, e.g. torch.save(ckpt['generator'], 'generator.pt')."
+            ) from e
+        raise RuntimeError(f"'{path}' is not a readable PyTorch checkpoint ({e}); is the download "
+                           f"complete? {_DOWNLOAD_HINT} again.") from e
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint as stored, on the CPU.
+
+    * ``*.safetensors``: one file; ``*.index.json``: sharded HF weights;
+    * a folder: its ``diffusion_pytorch_model.safetensors.index.json`` (sharded) or
+      ``diffusion_pytorch_model.safetensors`` (e.g. ``checkpoints/Wan2.1-T2V-1.3B``);
+    * anything else (``.pt``, ``.pth``, ``.bin``): ``torch.load(weights_only=True)``, memory-mapped.
+
+    Returns a flat ``{name: Tensor}`` for weight files; for trainer / ODE-init files it returns the
+    nested dict as saved -- pass the result to ``select_generator_weights``.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / DIT_SAFETENSORS_INDEX).is_file():
+            return _load_sharded_safetensors(p / DIT_SAFETENSORS_INDEX)
+        if (p / DIT_SAFETENSORS).is_file():
+            return _load_safetensors(p / DIT_SAFETENSORS)
+        raise FileNotFoundError(
+            f"'{p}' is a folder without DiT weights: expected '{DIT_SAFETENSORS_INDEX}' or "
+            f"'{DIT_SAFETENSORS}' inside it. Pass the folder of a Wan2.1-T2V-* download or a weight file; "
+            f"{_DOWNLOAD_HINT}."
+        )
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint '{p}' does not exist; {_DOWNLOAD_HINT} or fix the path.")
+    if p.name.endswith(".index.json"):
+        return _load_sharded_safetensors(p)
+    if p.suffix == ".safetensors":
+        return _load_safetensors(p)
+    obj = _torch_load(p)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"'{p}' holds a {type(obj).__name__}, not a dict of weights.")
+    return dict(obj)
+
+
+# --------------------------------------------------------------------------------------------------
+# Selecting and normalising
+# --------------------------------------------------------------------------------------------------
+# Name segments that wrappers insert into parameter names: FSDP1, activation checkpointing,
+# torch.compile, DataParallel/DDP.
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "module"})
+_WRAPPER_PREFIX = "model."  # WanDiffusionWrapper stores the DiT as ``self.model``
+_TRAINER_KEYS = ("generator", "generator_ema", "critic")
+
+
+def normalize_key(key: str) -> str:
+    """Drop wrapper name segments anywhere in ``key`` and one leading ``model.``.
+
+    ``model._fsdp_wrapped_module.blocks.0.ffn.0.weight`` -> ``blocks.0.ffn.0.weight``.
+    """
+    parts = [s for s in key.split(".") if s not in _WRAPPER_SEGMENTS]
+    key = ".".join(parts)
+    if key.startswith(_WRAPPER_PREFIX):
+        key = key[len(_WRAPPER_PREFIX):]
+    return key
+
+
+def _normalize_keys(sd: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{where}: entry '{key}' is a {type(value).__name__}, not a tensor; this is not a "
+                f"state dict of weights."
+            )
+        new = normalize_key(key)
+        if new in out:
+            raise ValueError(f"{where}: keys '{origin[new]}' and '{key}' both map to '{new}' after removing "
+                             f"wrapper prefixes; the checkpoint mixes two models.")
+        out[new] = value
+        origin[new] = key
+    return out
+
+
+def select_generator_weights(obj: Mapping[str, Any], use_ema: bool = False,
+                             path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """Pick the generator's weights out of any supported checkpoint and return plain DiT keys.
+
+    * trainer checkpoint ``{"generator", "critic", "generator_ema"}``: ``generator_ema`` when
+      ``use_ema`` else ``generator`` (a missing ``generator_ema`` is an error: EMA starts at step 200);
+    * ``ode_init.pt``: ``{"generator": ...}`` or ``{"model": ...}``;
+    * a flat state dict (released ``rewardforcing.pt``, HF safetensors): used as is. The released file
+      already *is* the chosen weights, so ``use_ema`` only warns there (the reference's ``--use_ema``
+      had no effect either).
+
+    Keys lose a leading ``model.`` and any FSDP / compile / checkpoint-wrapper segments.
+    """
+    where = f"'{path}'" if path is not None else "checkpoint"
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{where} holds a {type(obj).__name__}, expected a dict of weights.")
+    if not obj:
+        raise ValueError(f"{where} is empty.")
+
+    nested = {k: v for k, v in obj.items() if isinstance(v, Mapping)}
+    if any(k in nested for k in _TRAINER_KEYS):
+        if use_ema:
+            if "generator_ema" not in nested:
+                raise ValueError(
+                    f"--use_ema was given but {where} has no 'generator_ema' (keys present: "
+                    f"{sorted(obj)}). The EMA copy is only saved after EMA starts (step 200 with the "
+                    f"reference config); run without --use_ema to load 'generator'."
+                )
+            chosen, name = nested["generator_ema"], "generator_ema"
+        else:
+            if "generator" not in nested:
+                raise ValueError(f"{where} has no 'generator' weights (keys present: {sorted(obj)}).")
+            chosen, name = nested["generator"], "generator"
+        return _normalize_keys(chosen, f"{where}['{name}']")
+
+    for wrapper in ("model", "state_dict"):
+        if wrapper in nested and len(nested) == 1:
+            if use_ema:
+                raise ValueError(
+                    f"--use_ema was given but {where} holds a single model under '{wrapper}' "
+                    f"(keys present: {sorted(obj)}), with no 'generator_ema'; run without --use_ema."
+                )
+            return _normalize_keys(nested[wrapper], f"{where}['{wrapper}']")
+
+    if nested:
+        raise ValueError(
+            f"{where} is not a recognised checkpoint: it nests {sorted(nested)} but none of "
+            f"'generator', 'generator_ema', 'model'. Expected a DiT state dict or a trainer checkpoint."
+        )
+    if use_ema:
+        warnings.warn(
+            f"--use_ema has no effect on {where}: it is a flat state dict (like the released "
+            f"rewardforcing.pt), which already holds the weights to use.",
+            stacklevel=2,
+        )
+    return _normalize_keys(obj, where)
+
+
+def load_generator_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """``select_generator_weights(read_state_dict(path))``: plain DiT keys from any supported file."""
+    return select_generator_weights(read_state_dict(path), use_ema=use_ema, path=path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading into a module
+# --------------------------------------------------------------------------------------------------
+_SHOW = 5  # how many names of each kind an error message lists
+
+
+def _describe_count(n: int) -> str:
+    for name, count in DIT_NUM_KEYS.items():
+        if n == count:
+            return f"{n} keys of a {name} DiT"
+    return f"{n} keys"
+
+
+def _first(names, n: int = _SHOW) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:n])
+    return shown + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def _likely_cause(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+                  missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    if "patch_embedding.weight" in given and "patch_embedding.weight" in expected:
+        have = _DIT_DIM.get(given["patch_embedding.weight"].shape[0])
+        want = _DIT_DIM.get(expected["patch_embedding.weight"].shape[0])
+        if shapes and have != want:
+            return (f"Likely cause: wrong model size -- the checkpoint looks like a {have or 'different'} "
+                    f"DiT but the module is a {want or 'different'} one. Check the model flavor/config.")
+    if unexpected and not (set(given) & set(expected)):
+        prefixes = {k.split(".", 1)[0] for k in unexpected}
+        stripped = {k.split(".", 1)[-1] for k in unexpected}
+        if len(prefixes) == 1 and stripped & set(expected):
+            return (f"Likely cause: every key carries the prefix '{prefixes.pop()}.'; pass the dict through "
+                    f"select_generator_weights() first.")
+        return ("Likely cause: this is not a Wan DiT checkpoint (a VAE, T5 or reward-model file?), or a "
+                "trainer checkpoint that was not unpacked with select_generator_weights().")
+    if shapes:
+        return "Likely cause: wrong model size or a different architecture/config."
+    if missing and not unexpected:
+        return "Likely cause: a truncated or partial checkpoint (or a model with more layers)."
+    if unexpected and not missing:
+        return "Likely cause: a bigger model's checkpoint (more layers) or extra modules saved alongside."
+    return "Likely cause: wrong model size or not a DiT checkpoint of this architecture."
+
+
+def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
+                 what: str = "generator", source: str | os.PathLike | None = None):
+    """Load ``state_dict`` into ``module``; on mismatch raise one short, explanatory RuntimeError.
+
+    Shapes are compared before calling ``load_state_dict`` (which would otherwise print a line per
+    key, hundreds for a wrong-size checkpoint). Shape mismatches are errors even when
+    ``strict=False``. A module built on the meta device (``torch.device("meta")``) is filled with
+    ``assign=True``; floating tensors are cast to the dtype the module declares, matching what
+    ``load_state_dict`` does for a materialised module.
+
+    Returns the ``(missing_keys, unexpected_keys)`` named tuple of ``load_state_dict``.
+    """
+    expected = module.state_dict()
+    given = dict(state_dict)
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(given[k].shape)} vs module {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    on_meta = any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
+    meta_left = on_meta and bool(missing)
+
+    if shapes or (strict and (missing or unexpected)) or meta_left:
+        src = f" from '{source}'" if source is not None else ""
+        lines = [
+            f"cannot load {what} weights{src}: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(shapes)} with a wrong shape (the module expects {_describe_count(len(expected))}; "
+            f"the checkpoint has {_describe_count(len(given))})."
+        ]
+        if missing:
+            lines.append(f"  missing: {_first(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected: {_first(unexpected)}")
+        if shapes:
+            lines.append("  shape mismatches: " + "; ".join(shapes[:_SHOW])
+                         + (f"; ... (+{len(shapes) - _SHOW} more)" if len(shapes) > _SHOW else ""))
+        if meta_left:
+            lines.append("  the module is on the meta device, so missing weights would stay uninitialised.")
+        lines.append("  " + _likely_cause(expected, given, missing, unexpected, shapes))
+        raise RuntimeError("\n".join(lines))
+
+    if on_meta:
+        for k, t in expected.items():
+            if k in given and given[k].is_floating_point() and given[k].dtype != t.dtype:
+                given[k] = given[k].to(t.dtype)
+    return module.load_state_dict(given, strict=strict, assign=on_meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file next to ``path``, then rename it into place.
+
+    A crash, a full disk or a killed job mid-save leaves the previous file (or nothing) at ``path``,
+    never a truncated checkpoint that a later resume would choke on. The rename is atomic because
+    the temporary file is in the same folder (same file system).
+    """
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _to_reference_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in _normalize_keys(sd, "export").items():
+        t = value.detach().to("cpu")
+        # torch.save writes a view's whole storage; copy views so the file holds only this tensor.
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        out[_WRAPPER_PREFIX + key] = t
+    return out
+
+
+def export_reference_checkpoint(path: str | os.PathLike, generator_sd: Mapping[str, torch.Tensor],
+                                critic_sd: Mapping[str, torch.Tensor] | None = None,
+                                generator_ema_sd: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write a reference-format trainer checkpoint ``{"generator", "critic", "generator_ema"}``.
+
+    Every key gets the ``model.`` prefix of the reference ``WanDiffusionWrapper`` (after removing
+    any prefix / wrapper segments it already had), so the file loads both here
+    (``load_generator_state_dict(path, use_ema=...)``) and in reference tooling. Entries passed as
+    None are left out, as the reference does for ``generator_ema`` before EMA starts.
+    """
+    ckpt = {"generator": _to_reference_keys(generator_sd)}
+    if critic_sd is not None:
+        ckpt["critic"] = _to_reference_keys(critic_sd)
+    if generator_ema_sd is not None:
+        ckpt["generator_ema"] = _to_reference_keys(generator_ema_sd)
+    return atomic_save(ckpt, path)

@@ -1,0 +1,177 @@
+"""Prompt files, per-rank sharding and the resumable training prompt sampler.
+
+Inference reads a prompt file (one prompt per line) and optionally a parallel "extended" file whose
+line i is an LLM-expanded version of line i. The model is conditioned on the extended text, while
+the output video is named after the original, short prompt and its line number, so results can be
+matched to the benchmark list line by line.
+
+Fixes relative to the reference (spec 3.5 / 4.9): inference shards prompts across ranks without
+dropping the tail (the reference's ``drop_last=True`` loses 3 of 1003 MovieGen prompts on 8 GPUs),
+and the training sampler reshuffles every epoch and can be checkpointed and resumed.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+
+__all__ = ["Prompt", "read_prompts", "read_lines", "shard_for_rank", "PromptSampler"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: its 0-based line number in the file, the original text and the extended text.
+
+    ``index`` and ``text`` name the output; ``conditioning`` is what the text encoder sees.
+    """
+
+    index: int
+    text: str
+    extended: str | None = None
+
+    @property
+    def conditioning(self) -> str:
+        return self.extended if self.extended is not None else self.text
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """All lines of a UTF-8 text file, stripped, blank ones kept as "" so line numbers stay exact.
+
+    Splits on ``\\n`` only (``str.splitlines`` would also split on form feeds and unicode line
+    separators that can occur inside a prompt); a BOM and ``\\r`` line ends are tolerated.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        what = "is a folder, not a prompt file" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"prompt file '{p}' {what}. Use a text file with one prompt per line, e.g. "
+            f"prompts/example.txt, or fetch the benchmark lists with `python scripts/fetch_prompts.py`."
+        )
+    text = p.read_text(encoding="utf-8-sig")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":  # the newline that ends the last line is not an extra empty line
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def read_prompts(path: str | os.PathLike, extended_path: str | os.PathLike | None = None) -> list[Prompt]:
+    """Read prompts (and optionally their extended versions, line-aligned) into ``Prompt`` records.
+
+    Blank lines are skipped but keep their line number, so ``Prompt.index`` is always the 0-based
+    line of the prompt in ``path``. Errors: FileNotFoundError for a missing file, ValueError for a
+    file without prompts, an extended file with a different number of lines, or an extended line
+    that is blank where the prompt is not.
+    """
+    lines = read_lines(path)
+    if not any(lines):
+        raise ValueError(f"no prompts in '{path}' (the file is empty or only has blank lines)")
+    extended: list[str] | None = None
+    if extended_path is not None:
+        extended = read_lines(extended_path)
+        if len(extended) != len(lines):
+            raise ValueError(
+                f"'{extended_path}' has {len(extended)} lines but '{path}' has {len(lines)}; an extended "
+                f"prompt file must have exactly one line per prompt, in the same order."
+            )
+    prompts = []
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        ext = None
+        if extended is not None:
+            ext = extended[i]
+            if not ext:
+                raise ValueError(f"line {i + 1} of '{extended_path}' is blank but line {i + 1} of '{path}' "
+                                 f"is a prompt ({line[:40]!r}); the two files are not aligned.")
+        prompts.append(Prompt(index=i, text=line, extended=ext))
+    return prompts
+
+
+def shard_for_rank(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Items ``rank, rank + world_size, ...``: every item goes to exactly one rank, none dropped.
+
+    Shards differ in length by at most one; a rank may get nothing when there are fewer items than
+    ranks (it then simply has no work).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return list(items[rank::world_size])
+
+
+class PromptSampler(Generic[T]):
+    """Infinite, seeded, resumable stream of items for one rank of a training job.
+
+    Epoch ``e`` uses the permutation drawn with seed ``seed + e`` (the same on every rank), so each
+    epoch has a new order, unlike the reference whose order repeats. Ranks take strided slices of it
+    and are therefore disjoint. When ``len(items)`` is not a multiple of ``world_size`` the
+    permutation is padded with its own first items (as ``DistributedSampler(drop_last=False)``
+    does), so all ranks see the same number of items per epoch and change epoch in step; only those
+    few padded items are seen twice in that epoch. ``state_dict()`` / ``load_state_dict()`` record
+    ``(epoch, position)`` so a resumed job continues with the very next item.
+    """
+
+    def __init__(self, items: Sequence[T], *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        if len(items) == 0:
+            raise ValueError("PromptSampler needs at least one item")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.items = list(items)
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.per_rank = -(-len(self.items) // world_size)  # ceil
+        self.epoch = 0
+        self.position = 0  # index of the next item within this rank's shard of the epoch
+        self._shard: list[int] | None = None
+
+    def _epoch_indices(self, epoch: int) -> list[int]:
+        n = len(self.items)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(n, generator=gen).tolist()
+        else:
+            order = list(range(n))
+        total = self.per_rank * self.world_size
+        padded = (order * (-(-total // n)))[:total]
+        return padded[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self.position >= self.per_rank:
+            self.epoch += 1
+            self.position = 0
+            self._shard = None
+        if self._shard is None:
+            self._shard = self._epoch_indices(self.epoch)
+        item = self.items[self._shard[self.position]]
+        self.position += 1
+        return item
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_items": len(self.items), "world_size": self.world_size, "rank": self.rank,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()``; refuses a state from a different prompt list or job layout,
+        since (epoch, position) would then point at different prompts."""
+        for key, mine in (("num_items", len(self.items)), ("world_size", self.world_size),
+                          ("seed", self.seed), ("shuffle", self.shuffle)):
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"cannot resume PromptSampler: saved {key}={state[key]!r} but this run has {mine!r}. "
+                    f"Use the same prompt file, seed and number of processes, or start the sampler fresh."
+                )
+        position = int(state["position"])
+        if not 0 <= position <= self.per_rank:
+            raise ValueError(f"saved position {position} is outside 0..{self.per_rank}")
+        self.epoch = int(state["epoch"])
+        self.position = position
+        self._shard = None
