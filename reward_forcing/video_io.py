@@ -105,6 +105,7 @@ class Mp4Writer:
         # The temporary name ends in .mp4 so that ffmpeg picks the mp4 muxer.
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".tmp.mp4")
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); the video is an ordinary file
         self._tmp = Path(tmp)
         pixfmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
         self._writer = imageio.get_writer(
@@ -170,6 +171,12 @@ class Mp4Writer:
             self.abort()
         else:
             self.close()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:

@@ -102,9 +102,11 @@ class RotaryEmbedding:
     def __init__(self, head_dim: int, theta: float = 10000.0):
         pairs = head_dim // 2
         self.axis_pairs = (pairs - 2 * (pairs // 3), pairs // 3, pairs // 3)
-        # Each axis has its own exponent base (its own dimension), as in the reference.
+        # Each axis has its own exponent base (its own dimension), as in the reference. Pinned to the CPU so a
+        # model built under `with torch.device("meta")` (checkpoint loading) still gets real tables.
         self.inv_freq = [
-            1.0 / torch.pow(theta, torch.arange(0, 2 * n, 2, dtype=torch.float64).div(2 * n)) for n in self.axis_pairs
+            1.0 / torch.pow(theta, torch.arange(0, 2 * n, 2, dtype=torch.float64, device="cpu").div(2 * n))
+            for n in self.axis_pairs
         ]
         self._memo: dict = {}
 

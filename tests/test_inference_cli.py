@@ -1,0 +1,148 @@
+"""inference.py end to end on the tiny config, checkpoint formats, torchrun splitting, and every bad input."""
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from reward_forcing import checkpoints as ckpt
+from reward_forcing.build import build_generator
+from reward_forcing.config import load_config
+from reward_forcing.models.wan import WanModel, init_random_
+from reward_forcing.video_io import read_video
+from conftest import REPO_ROOT
+
+TINY = str(REPO_ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("inference_cli", REPO_ROOT / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["inference_cli"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a fox / in the snow\na red car drives by\n\nwaves on rocks\n")
+    return path
+
+
+def run(cli, *args):
+    return cli.main([str(a) for a in args])
+
+
+def test_tiny_end_to_end_writes_81_frame_videos(cli, prompts, tmp_path):
+    out = tmp_path / "videos"
+    assert run(cli, "--config_path", TINY, "--data_path", prompts, "--output_folder", out) == 0
+    files = sorted(p.name for p in out.glob("*.mp4"))
+    # line indices are kept (the blank line 2 is skipped); no "/" from the prompt leaks into names
+    assert files == ["0000-a-fox-in-the-snow-s0.mp4", "0001-a-red-car-drives-by-s0.mp4", "0003-waves-on-rocks-s0.mp4"]
+    frames, fps = read_video(out / files[0])
+    assert frames.shape == (81, 48, 80, 3) and fps == 16
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_samples_and_extended_prompts(cli, prompts, tmp_path):
+    ext = tmp_path / "ext.txt"
+    ext.write_text("a fox walking through deep fresh snow\nx\n\ny\n")
+    out = tmp_path / "v"
+    assert run(cli, "--config_path", TINY, "--data_path", prompts, "--extended_prompt_path", ext,
+               "--output_folder", out, "--num_output_frames", 3, "--num_samples", 2) == 0
+    s0, _ = read_video(out / "0000-a-fox-in-the-snow-s0.mp4")
+    s1, _ = read_video(out / "0000-a-fox-in-the-snow-s1.mp4")
+    assert s0.shape == (9, 48, 80, 3) and not (s0 == s1).all()
+
+
+def test_torchrun_ranks_split_prompts_without_dropping(cli, prompts, tmp_path, monkeypatch):
+    out = tmp_path / "v"
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert run(cli, "--config_path", TINY, "--data_path", prompts, "--output_folder", out,
+                   "--num_output_frames", 3) == 0
+    assert len(list(out.glob("*.mp4"))) == 3
+
+
+def _tiny_state(seed):
+    return init_random_(WanModel.from_flavor("tiny"), seed=seed).state_dict()
+
+
+def test_checkpoint_formats_and_use_ema(cli, prompts, tmp_path):
+    cfg = load_config(TINY)
+    released = {f"model.{k}": v for k, v in _tiny_state(1).items()}  # flat, like rewardforcing.pt
+    torch.save(released, tmp_path / "rewardforcing.pt")
+    model = build_generator(cfg, checkpoint=tmp_path / "rewardforcing.pt")
+    assert torch.equal(model.state_dict()["head.head.weight"], released["model.head.head.weight"])
+
+    ema = _tiny_state(2)
+    ckpt.export_reference_checkpoint(tmp_path / "trainer.pt", _tiny_state(3), _tiny_state(4), ema)
+    picked = build_generator(cfg, checkpoint=tmp_path / "trainer.pt", use_ema=True)
+    assert torch.equal(picked.state_dict()["blocks.0.self_attn.q.weight"], ema["blocks.0.self_attn.q.weight"])
+
+    from safetensors.torch import save_file
+    save_file(_tiny_state(5), str(tmp_path / "gen.safetensors"))
+    assert run(cli, "--config_path", TINY, "--checkpoint_path", tmp_path / "gen.safetensors", "--data_path",
+               prompts, "--output_folder", tmp_path / "v", "--num_output_frames", 3) == 0
+
+    ckpt.export_reference_checkpoint(tmp_path / "no_ema.pt", _tiny_state(3))
+    with pytest.raises(ValueError, match="generator_ema"):
+        build_generator(cfg, checkpoint=tmp_path / "no_ema.pt", use_ema=True)
+
+
+def error_of(cli, capsys, *args):
+    assert run(cli, *args) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_checkpoint_root(cli, capsys, prompts, tmp_path):
+    err = error_of(cli, capsys, "--config_path", REPO_ROOT / "configs" / "reward_forcing.yaml", "--data_path",
+                   prompts, "--output_folder", tmp_path / "v", f"checkpoint_root={tmp_path / 'nowhere'}")
+    assert "nowhere" in err and "download_checkpoints.sh" in err
+
+
+def test_missing_checkpoint_file(cli, capsys, prompts, tmp_path):
+    err = error_of(cli, capsys, "--config_path", TINY, "--checkpoint_path", tmp_path / "missing.pt",
+                   "--data_path", prompts, "--output_folder", tmp_path / "v")
+    assert "missing.pt" in err and "download_checkpoints.sh" in err
+
+
+def test_wrong_checkpoint_is_summarised(cli, capsys, prompts, tmp_path):
+    state = _tiny_state(1)
+    state.pop("head.head.weight")
+    state.update({f"extra.layer{i}.weight": torch.zeros(1) for i in range(50)})
+    torch.save(state, tmp_path / "wrong.pt")
+    err = error_of(cli, capsys, "--config_path", TINY, "--checkpoint_path", tmp_path / "wrong.pt", "--data_path",
+                   prompts, "--output_folder", tmp_path / "v")
+    assert "head.head.weight" in err and "50" in err
+    assert len(err) < 1500 and "extra.layer49.weight" not in err  # summarised, not dumped
+
+
+def test_frames_not_a_multiple_of_the_block(cli, capsys, prompts, tmp_path):
+    err = error_of(cli, capsys, "--config_path", TINY, "--data_path", prompts, "--output_folder", tmp_path / "v",
+                   "--num_output_frames", 20)
+    assert "20" in err and "multiple" in err
+
+
+def test_empty_prompt_file(cli, capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    err = error_of(cli, capsys, "--config_path", TINY, "--data_path", tmp_path / "empty.txt", "--output_folder",
+                   tmp_path / "v")
+    assert "no prompts" in err and "empty.txt" in err
+
+
+def test_unwritable_output_folder(cli, capsys, prompts, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    err = error_of(cli, capsys, "--config_path", TINY, "--data_path", prompts, "--output_folder", blocker / "sub")
+    assert "cannot write to --output_folder" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_requested_without_gpu(cli, capsys, prompts, tmp_path):
+    err = error_of(cli, capsys, "--config_path", TINY, "--data_path", prompts, "--output_folder", tmp_path / "v",
+                   "--device", "cuda")
+    assert "no CUDA GPU" in err and "--device cpu" in err
