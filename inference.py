@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # always carry the prompt index here
     p.add_argument("--i2v", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -161,8 +161,8 @@ def main(argv=None) -> int:
     if cfg.model.random_init:
         log.warning("random tiny weights: the videos will be noise. Real weights: bash download_checkpoints.sh "
                     "and --config_path configs/reward_forcing.yaml")
-    torch.set_grad_enabled(False)
-    written = generate_all(args, cfg, prompts, pipe, output, rank)
+    with torch.inference_mode():
+        written = generate_all(args, cfg, prompts, pipe, output, rank)
     log.info("done: %d video(s) in %s", len(written), output)
     return 0
 

@@ -84,3 +84,42 @@ def build_vae(cfg: Config, *, device="cpu", dtype=torch.float32) -> WanVAE:
     if cfg.model.vae == "tiny":
         return WanVAE.tiny().to(device=device, dtype=dtype)
     return WanVAE.from_wan_pth(ckpt.asset_path(cfg.checkpoint_root, "vae"), dtype=dtype, device=device)
+
+
+def build_reward(cfg: Config, *, device="cpu", dtype=torch.float32):
+    """The frozen VideoReward model (tiny random one for debug runs)."""
+    from .models.video_reward import VideoPreprocessConfig, VideoReward
+
+    tr = cfg.training
+    reference_range = tr.reward_pixel_range == "reference"
+    if cfg.model.reward == "tiny":
+        preprocess = VideoPreprocessConfig(fps=tr.reward_fps, sample_all_frames=tr.reward_sample_all_frames,
+                                           reference_pixel_range=reference_range, min_pixels=56 * 56)
+        model = VideoReward.tiny(preprocess=preprocess)
+    else:
+        model = VideoReward.from_pretrained(ckpt.find_video_reward_dir(cfg.checkpoint_root), device=device,
+                                            dtype=dtype, sample_all_frames=tr.reward_sample_all_frames,
+                                            reference_pixel_range=reference_range)
+    return model.to(device=device, dtype=dtype)
+
+
+def build_training_models(cfg: Config, *, device="cpu", dtype=torch.float32, frozen_dtype=None):
+    """Student (from training.generator_ckpt), critic (base weights of its flavor), teacher, text encoder, VAE,
+    reward. Frozen models run in ``frozen_dtype`` (bf16 on GPU); trainable ones keep fp32 master weights."""
+    from .training.trainer import TrainingModels
+
+    frozen_dtype = frozen_dtype or dtype
+    tr = cfg.training
+    weights = None
+    if not cfg.model.random_init:
+        weights = ckpt.require_file(tr.generator_ckpt, "ODE-initialised student (training.generator_ckpt)",
+                                    train=True)
+    generator = build_dit(cfg, cfg.model.generator, causal=cfg.causal.spec(), weights=weights, seed=0,
+                          device=device, dtype=dtype, what="generator")
+    # Tiny debug runs: critic and teacher share one random init (as the real critic starts from base weights).
+    critic = build_dit(cfg, cfg.model.critic, seed=1, device=device, dtype=dtype, what="critic")
+    teacher = build_dit(cfg, cfg.model.teacher, seed=1, device=device, dtype=frozen_dtype, what="teacher")
+    text_encoder = build_text_encoder(cfg, device=device, dtype=frozen_dtype)
+    vae = build_vae(cfg, device=device, dtype=frozen_dtype)
+    reward = build_reward(cfg, device=device, dtype=frozen_dtype) if tr.beta != 0 else None
+    return TrainingModels(generator, critic, teacher, text_encoder, vae, reward)

@@ -33,6 +33,7 @@ class ModelConfig:
     teacher: str = "14B"  # real score
     text_encoder: str = "umt5-xxl"  # umt5-xxl | tiny
     vae: str = "wan2.1"  # wan2.1 | tiny
+    reward: str = "videoreward"  # videoreward | tiny (training only; unused when training.beta = 0)
     random_init: bool = False  # build random weights instead of loading checkpoints (tiny debug runs)
     gradient_checkpointing: bool = True
 
@@ -99,10 +100,21 @@ class TrainingConfig:
     num_training_frames: int = 21
     min_timestep: float = 20.0
     max_timestep: float = 980.0
-    mixed_precision: bool = True
-    seed: int = 0
+    mixed_precision: bool = True  # bf16 compute on GPU (FSDP2 policy, or autocast for one process)
+    seed: int = 0  # used as given (+ rank); the reference's seed 0 meant "random"
     log_every: int = 1
-    save_every: int = 100
+    save_every: int = 100  # steps between resumable checkpoints (the reference never saved: spec 8.13)
+    sample_every: int = 0  # steps between sample videos logged to wandb (0 = off)
+    # Deliberate fixes of the reference, each with the switch that restores it (docs/differences.md).
+    reward_weighting: str = "per_sample"  # per_sample | first_sample (reference: sample 0 weights the batch)
+    reward_pixel_range: str = "unit"  # unit ([0, 1] as VideoReward was trained) | reference (255 * [-1, 1])
+    reward_sample_all_frames: bool = False  # reference: all 81 frames; default: VideoReward's 2 fps sampling
+    reward_fps: float = 2.0
+    rollout_sink_policy: str = "static"  # static = the reference's never-updated training sink | ema | none
+    reference_context_noise: bool = False  # reference: t=0 snaps to sigma 0.00498 of fresh noise in training
+    score_timestep_shift: float = 8.0  # grid of the teacher/critic x0 <-> flow conversions (reference: 8)
+    critic_flow_from_x0: bool = False  # reference: critic flow = (x_t - x0)/sigma on the shift-5 grid
+    wandb_project: str = "reward-forcing"
 
 
 @dataclass
@@ -128,6 +140,8 @@ def _validate(cfg: Config, source: str) -> None:
             fail(f"model.{key}", f"{getattr(cfg.model, key)!r} is not one of {_FLAVORS}")
     if cfg.model.text_encoder not in ("umt5-xxl", "tiny"):
         fail("model.text_encoder", f"{cfg.model.text_encoder!r} is not 'umt5-xxl' or 'tiny'")
+    if cfg.model.reward not in ("videoreward", "tiny"):
+        fail("model.reward", f"{cfg.model.reward!r} is not 'videoreward' or 'tiny'")
     if cfg.model.vae not in ("wan2.1", "tiny"):
         fail("model.vae", f"{cfg.model.vae!r} is not 'wan2.1' or 'tiny'")
     if cfg.causal.sink_policy not in SINK_POLICIES:
@@ -142,6 +156,19 @@ def _validate(cfg: Config, source: str) -> None:
     if cfg.video.height % 16 or cfg.video.width % 16:
         fail("video", f"height x width {cfg.video.height}x{cfg.video.width} must be multiples of 16 "
              "(VAE stride 8 times the 2x2 patch)")
+    tr = cfg.training
+    if tr.reward_weighting not in ("per_sample", "first_sample"):
+        fail("training.reward_weighting", f"{tr.reward_weighting!r} is not 'per_sample' or 'first_sample'")
+    if tr.reward_pixel_range not in ("unit", "reference"):
+        fail("training.reward_pixel_range", f"{tr.reward_pixel_range!r} is not 'unit' or 'reference'")
+    if tr.rollout_sink_policy not in SINK_POLICIES:
+        fail("training.rollout_sink_policy", f"{tr.rollout_sink_policy!r} is not one of {SINK_POLICIES}")
+    for key in ("batch_size", "gradient_accumulation_steps", "dfake_gen_update_ratio", "max_steps"):
+        if getattr(tr, key) < 1:
+            fail(f"training.{key}", f"must be >= 1, got {getattr(tr, key)}")
+    if tr.num_training_frames % cfg.causal.frames_per_block:
+        fail("training.num_training_frames", f"{tr.num_training_frames} is not a multiple of "
+             f"causal.frames_per_block={cfg.causal.frames_per_block}")
     for step in cfg.schedule.denoising_step_list:
         if not 0 < step <= cfg.schedule.num_train_timesteps:
             fail("schedule.denoising_step_list", f"step {step} outside (0, {cfg.schedule.num_train_timesteps}]")

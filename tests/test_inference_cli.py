@@ -146,3 +146,10 @@ def test_cuda_requested_without_gpu(cli, capsys, prompts, tmp_path):
     err = error_of(cli, capsys, "--config_path", TINY, "--data_path", prompts, "--output_folder", tmp_path / "v",
                    "--device", "cuda")
     assert "no CUDA GPU" in err and "--device cpu" in err
+
+
+def test_main_leaves_grad_mode_alone(cli, prompts, tmp_path):
+    assert torch.is_grad_enabled()
+    assert run(cli, "--config_path", TINY, "--data_path", prompts, "--output_folder", tmp_path / "v",
+               "--num_output_frames", 3) == 0
+    assert torch.is_grad_enabled()

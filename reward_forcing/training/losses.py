@@ -1,0 +1,179 @@
+"""Re-DMD losses: the normalised DMD gradient, the reward-weighted generator loss and the critic loss.
+
+Pure tensor functions (no models, no state), so every formula is unit-testable on CPU.
+
+Conventions: latents are frame-major ``[B, F, C, H, W]`` (any ``[B, ...]`` works: everything after
+the batch dimension is reduced over), the scores return x0-predictions, and the flow is
+``v = noise - x0`` (see :mod:`reward_forcing.schedule`).
+
+Re-DMD in one line (reference ``ReDMD.generator_loss``, spec section 4.6)::
+
+    g    = (x0_fake - x0_real) / mean_{F,C,H,W} |x - x0_real|       # normalised DMD gradient
+    L    = 0.5 * exp(beta * MQ) * mean((x - sg(x - g))^2)             # dL/dx = exp(beta MQ) g / numel
+
+The surrogate ``mean((x - sg(x - g))^2)`` has value ``mean(g^2)`` and gradient ``2 g / numel``, which
+is how DMD injects a gradient that is not the derivative of any loss the generator can compute.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+__all__ = ["dmd_gradient", "re_dmd_loss", "reward_weights", "critic_loss"]
+
+RewardWeighting = Literal["per_sample", "first_sample"]
+
+
+def _sample_dims(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(1, x.dim()))
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"shape mismatch: {shapes} (all must be [B, F, C, H, W] and identical)")
+
+
+def dmd_gradient(
+    x: torch.Tensor,
+    x0_real_cond: torch.Tensor,
+    x0_real_uncond: torch.Tensor,
+    x0_fake: torch.Tensor,
+    guidance_scale: float = 3.0,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's normalised DMD gradient ``g`` (``ReDMD._compute_kl_grad``).
+
+    Args:
+        x: generator output (the clean latent the scores were evaluated around), ``[B, ...]``.
+        x0_real_cond / x0_real_uncond: teacher ("real score") x0-predictions with the prompt and with
+            the negative prompt.
+        x0_fake: critic ("fake score") x0-prediction for the prompt. The fake score gets **no** CFG
+            (the reference's ``fake_guidance_scale`` is 0).
+        guidance_scale: teacher CFG in the reference's parametrisation
+            ``x0_real = cond + s * (cond - uncond)`` — s = 3.0 is the usual CFG weight 4.
+        compute_dtype: the scores usually come out in bf16; the difference of two nearby x0 predictions
+            and the per-sample normaliser are computed in this dtype (float32 by default) to avoid bf16
+            cancellation.
+
+    Returns:
+        ``(grad, x0_real)`` in ``compute_dtype``, both without autograd history. ``grad`` is
+        ``nan_to_num((x0_fake - x0_real) / n)`` with the per-sample normaliser
+        ``n_i = mean |x_i - x0_real_i|`` over all non-batch dims (DMD's adaptive weighting, which makes the
+        gradient scale independent of how far the teacher's x0 is from the sample).
+
+    ``nan_to_num`` is applied exactly as in the reference: where the normaliser is 0 (the sample equals
+    the teacher's x0), ``0/0`` becomes 0 but a non-zero difference becomes ``±inf`` and then the largest
+    finite value of ``compute_dtype``. That case does not happen with real models; it is kept for parity.
+    """
+    _check_same_shape(x=x, x0_real_cond=x0_real_cond, x0_real_uncond=x0_real_uncond, x0_fake=x0_fake)
+    if x.dim() < 2:
+        raise ValueError(f"expected batched latents [B, ...], got shape {tuple(x.shape)}")
+    with torch.no_grad():
+        x = x.detach().to(compute_dtype)
+        cond = x0_real_cond.detach().to(compute_dtype)
+        uncond = x0_real_uncond.detach().to(compute_dtype)
+        fake = x0_fake.detach().to(compute_dtype)
+        x0_real = cond + guidance_scale * (cond - uncond)
+        grad = fake - x0_real
+        normaliser = (x - x0_real).abs().mean(dim=_sample_dims(x), keepdim=True)
+        grad = torch.nan_to_num(grad / normaliser)
+    return grad, x0_real
+
+
+def reward_weights(
+    reward: torch.Tensor | float | None,
+    batch_size: int,
+    beta: float = 2.0,
+    reward_weighting: RewardWeighting = "per_sample",
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Per-sample weights ``w_i = exp(beta * reward_i)`` as a ``[B]`` tensor without autograd history.
+
+    ``reward`` is a constant here (the reward model only scores the decoded video), so it is detached.
+    ``None`` or ``beta == 0`` gives all-ones weights (plain DMD). A scalar / 1-element reward is shared by
+    the batch. ``"first_sample"`` reproduces the reference (spec section 8, item 10): only sample 0 is
+    scored and its weight multiplies every sample's loss.
+    """
+    if reward_weighting not in ("per_sample", "first_sample"):
+        raise ValueError(f"reward_weighting must be 'per_sample' or 'first_sample', got {reward_weighting!r}")
+    if reward is None or beta == 0:
+        return torch.ones(batch_size, dtype=dtype, device=device)
+    r = torch.as_tensor(reward).detach().to(device=device, dtype=dtype).reshape(-1)
+    if r.numel() == 1 or reward_weighting == "first_sample":
+        if r.numel() == 0:
+            raise ValueError("reward is empty")
+        r = r[:1].expand(batch_size)
+    elif r.numel() != batch_size:
+        raise ValueError(f"reward has {r.numel()} entries but the batch has {batch_size} samples "
+                         "(pass one reward per sample, or a single scalar)")
+    return torch.exp(beta * r)
+
+
+def re_dmd_loss(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    reward: torch.Tensor | float | None = None,
+    beta: float = 2.0,
+    *,
+    reward_weighting: RewardWeighting = "per_sample",
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Reward-weighted DMD generator loss (Re-DMD).
+
+    ``loss = mean_i 0.5 * w_i * mean((x_i - sg(x_i - g_i))^2)`` with ``w_i = exp(beta * reward_i)``.
+    Its value is ``mean_i 0.5 * w_i * mean(g_i^2)`` and its gradient is
+    ``dloss/dx_i = w_i * g_i / numel(x_i) / B`` — the DMD gradient scaled per sample by the reward.
+    For one sample it equals the reference's ``0.5 * exp(beta MQ) * MSE(x, sg(x - g))`` exactly; for
+    B > 1 the per-sample mean averaged over the batch equals the reference's batch-wide MSE when
+    all weights are equal.
+
+    Args:
+        x: generator output with autograd history, ``[B, ...]``.
+        grad: the DMD gradient from :func:`dmd_gradient` (treated as a constant).
+        reward: ``[B]`` rewards (the reference uses normalised VideoReward MQ), a scalar, or None.
+        beta: reward temperature (2.0 in the reference). ``beta = 0`` or ``reward=None`` is plain DMD.
+        reward_weighting: ``"per_sample"`` (each sample weighted by its own reward) or ``"first_sample"``
+            (the reference bug: sample 0's weight applied to the whole batch).
+        compute_dtype: dtype of the squared error (the reference uses float64); the loss is returned in
+            float32.
+
+    Returns:
+        ``(loss, info)``; ``info`` holds detached tensors: ``weights`` ``[B]``, ``per_sample_loss`` ``[B]``
+        (weighted), ``dmd_grad_norm`` = ``mean|g|`` (the reference's ``dmdtrain_gradient_norm``).
+    """
+    _check_same_shape(x=x, grad=grad)
+    if x.dim() < 2:
+        raise ValueError(f"expected batched latents [B, ...], got shape {tuple(x.shape)}")
+    batch = x.shape[0]
+    weights = reward_weights(reward, batch, beta, reward_weighting, dtype=compute_dtype, device=x.device)
+
+    xc = x.to(compute_dtype)
+    target = (xc - grad.detach().to(compute_dtype)).detach()
+    mse = (xc - target).pow(2).mean(dim=_sample_dims(x))        # [B]
+    per_sample = 0.5 * weights * mse
+    loss = per_sample.mean().float()
+
+    info = {
+        "weights": weights.detach().float(),
+        "per_sample_loss": per_sample.detach().float(),
+        "dmd_grad_norm": grad.detach().abs().mean().float(),
+    }
+    return loss, info
+
+
+def critic_loss(flow_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Flow-matching loss of the critic (reference ``FlowPredLoss``): ``mean((v_pred - (noise - x0))^2)``.
+
+    ``flow_pred`` is the critic's flow for ``x_t = add_noise(x0, noise, t)`` (the reference converts the
+    critic's x0-prediction back with ``x0_to_flow`` on the generator's grid). The target is a constant: x0
+    comes from a no-grad generator rollout, and the critic loss must never train the generator.
+    Computed in float32, returns a float32 scalar.
+    """
+    _check_same_shape(flow_pred=flow_pred, noise=noise, x0=x0)
+    target = (noise.detach().float() - x0.detach().float())
+    return (flow_pred.float() - target).pow(2).mean()

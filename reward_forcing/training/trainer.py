@@ -1,0 +1,298 @@
+"""Re-DMD training: alternating critic and generator updates with reward-weighted DMD.
+
+One **step** is one critic optimizer step; every ``dfake_gen_update_ratio`` steps the generator also takes one
+(the generator update comes first, as in the reference). Each optimizer step accumulates
+``gradient_accumulation_steps`` micro-batches and steps **once** - the textbook accumulation the reference meant
+(spec 4.5 describes its double steps). Generator EMA starts at ``ema_start_step`` and follows every generator
+step. Checkpoints are resumable (models, optimizers, EMA, step, RNG, data position) and atomic; each one is also
+exported in the reference format ``{generator, critic, generator_ema}``.
+
+Generator loss (per sample i): ``0.5 * exp(beta * MQ_i) * mse(x_i, sg(x_i - g_i))`` where ``x`` is the student's
+self-forcing rollout, ``g`` the normalised DMD gradient ``(x0_fake - x0_real) / mean|x - x0_real|`` with the
+teacher under CFG (scale 3) and the critic without, and ``MQ_i`` the normalised motion-quality reward of the
+decoded video. Critic loss: flow matching on fresh no-grad rollouts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import checkpoints as ckpt
+from ..config import Config
+from ..data import PromptSampler
+from ..models.text_encoder import TextEncoder
+from ..models.vae import WanVAE
+from ..models.wan import WanModel
+from ..schedule import FlowMatchSchedule, sample_training_timesteps
+from . import distributed as dist_utils
+from .losses import critic_loss, dmd_gradient, re_dmd_loss
+from .rollout import RolloutConfig, rollout
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; raised before the optimizer step, so no weight is touched."""
+
+
+@dataclass
+class TrainingModels:
+    generator: WanModel  # causal student (trainable)
+    critic: WanModel  # fake score (trainable)
+    teacher: WanModel  # real score (frozen)
+    text_encoder: TextEncoder  # frozen
+    vae: WanVAE  # frozen
+    reward: object | None = None  # VideoReward (frozen); None when beta == 0
+
+
+@dataclass
+class StepLog:
+    values: dict = field(default_factory=dict)
+
+    def add(self, prefix: str, info: dict) -> None:
+        for key, value in info.items():
+            if torch.is_tensor(value):
+                value = value.detach().float().mean().item() if value.numel() else float("nan")
+            self.values[f"{prefix}{key}"] = value
+
+
+def _bfchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 1, 3, 4)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, models: TrainingModels, prompts: list[str], logdir: str | Path, *,
+                 dist: dist_utils.DistInfo, use_wandb: bool = False, resume: bool = False):
+        self.cfg, self.tr, self.m, self.dist = cfg, cfg.training, models, dist
+        self.device = dist.device
+        self.logdir = Path(logdir)
+        self.ckpt_dir = self.logdir / "checkpoints"
+        if dist.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        dist_utils.barrier()
+
+        dist_utils.seed_everything(self.tr.seed, dist.rank)
+        self.sampler = PromptSampler(prompts, rank=dist.rank, world_size=dist.world_size, seed=self.tr.seed)
+        self.schedule = FlowMatchSchedule(cfg.schedule.timestep_shift)
+        self.score_schedule = FlowMatchSchedule(self.tr.score_timestep_shift)
+        steps = cfg.schedule.denoising_step_list
+        self.rollout_cfg = RolloutConfig(
+            timesteps=self.schedule.warp(steps) if cfg.schedule.warp_denoising_step else list(steps),
+            context_noise=cfg.schedule.context_noise, reference_context_noise=self.tr.reference_context_noise,
+            sink_policy=self.tr.rollout_sink_policy)
+
+        for frozen in (models.teacher, models.text_encoder, models.vae, models.reward):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+        models.generator.train().enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+        models.critic.train().enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+        betas = (self.tr.beta1, self.tr.beta2)
+        self.gen_opt = torch.optim.AdamW(models.generator.parameters(), lr=self.tr.lr, betas=betas,
+                                         weight_decay=self.tr.weight_decay)
+        self.critic_opt = torch.optim.AdamW(models.critic.parameters(), lr=self.tr.lr_critic, betas=betas,
+                                            weight_decay=self.tr.weight_decay)
+        self.ema: dist_utils.ShardedEMA | None = None
+        self.step = 0
+        # One process on a GPU: autocast gives the bf16 compute FSDP2's policy gives several processes.
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=self.tr.mixed_precision and self.device.type == "cuda"
+                                       and dist.world_size == 1)
+        self.compute_dtype = (torch.bfloat16 if self.tr.mixed_precision and self.device.type == "cuda"
+                              else torch.float32)
+        self.wandb = self._init_wandb() if use_wandb and dist.is_main else None
+        self.log_file = self.logdir / "log.jsonl"
+        if resume:
+            self.resume()
+
+    # ------------------------------------------------------------------------------------ data
+    def _next_prompts(self) -> list[str]:
+        return [next(self.sampler) for _ in range(self.tr.batch_size)]
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional and negative-prompt text embeddings on the training device."""
+        te = self.m.text_encoder
+        cond = te(prompts).to(self.device)
+        uncond = te.encode_negative(self.cfg.text.negative_prompt, len(prompts)).to(self.device)
+        return cond, uncond
+
+    def _noise(self, batch: int) -> torch.Tensor:
+        g = self.m.generator.config
+        h, w = self.cfg.video.height // 8, self.cfg.video.width // 8
+        return torch.randn(batch, self.tr.num_training_frames, g.in_dim, h, w, device=self.device)
+
+    def _rollout(self, cond: torch.Tensor, *, grad: bool) -> torch.Tensor:
+        exit_step = dist_utils.broadcast_int(int(torch.randint(len(self.rollout_cfg.timesteps), ())))
+        with self.autocast:
+            return rollout(self.m.generator, self.schedule, self.rollout_cfg, cond, self._noise(cond.shape[0]),
+                           exit_step=exit_step, grad=grad, compute_dtype=self.compute_dtype)
+
+    def _timesteps(self, batch: int) -> torch.Tensor:
+        """One DMD/critic timestep per sample (uniform -> shift -> clamp), shape [B]."""
+        return sample_training_timesteps((batch,), shift=self.cfg.schedule.timestep_shift,
+                                         min_t=self.tr.min_timestep, max_t=self.tr.max_timestep,
+                                         device=self.device)
+
+    def _x0(self, model: WanModel, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Bidirectional x0 prediction at per-sample timesteps t [B] (flow -> x0 on the score grid)."""
+        dtype = self.compute_dtype
+        with self.autocast:
+            flow = _bfchw(model(_bfchw(x_t.to(dtype)), t, context.to(dtype)))
+        return self.score_schedule.flow_to_x0(flow.float(), x_t.float(), t)
+
+    # ---------------------------------------------------------------------------------- losses
+    def generator_loss(self, prompts: list[str]) -> tuple[torch.Tensor, dict]:
+        cond, uncond = self._encode(prompts)
+        x = self._rollout(cond, grad=True)
+        info = {}
+        reward = None
+        if self.m.reward is not None and self.tr.beta != 0:
+            with torch.no_grad():
+                pixels = self.m.vae.decode(x.detach().to(self.m.vae.dtype))
+                scores = self.m.reward.score(pixels, prompts)
+            reward = scores["MQ"].to(self.device)
+            info.update(reward_vq=scores["VQ"], reward_mq=scores["MQ"], reward_ta=scores["TA"])
+        with torch.no_grad():
+            t = self._timesteps(x.shape[0])
+            x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t[:, None])
+            x0_cond = self._x0(self.m.teacher, x_t, t, cond)
+            x0_uncond = self._x0(self.m.teacher, x_t, t, uncond)
+            x0_fake = self._x0(self.m.critic, x_t, t, cond)
+            grad, _ = dmd_gradient(x.detach().float(), x0_cond, x0_uncond, x0_fake, self.tr.guidance_scale)
+        loss, loss_info = re_dmd_loss(x.float(), grad, reward, beta=self.tr.beta,
+                                      reward_weighting=self.tr.reward_weighting)
+        info.update(loss_info)
+        return loss, info
+
+    def critic_loss(self, prompts: list[str]) -> tuple[torch.Tensor, dict]:
+        cond, _ = self._encode(prompts)
+        with torch.no_grad():
+            x = self._rollout(cond, grad=False).float()
+            t = self._timesteps(x.shape[0])
+            noise = torch.randn_like(x)
+            x_t = self.schedule.add_noise(x, noise, t[:, None])
+        with self.autocast:
+            flow = _bfchw(self.m.critic(_bfchw(x_t.to(self.compute_dtype)), t, cond.to(self.compute_dtype))).float()
+        if self.tr.critic_flow_from_x0:  # reference: flow -> x0 on the shift-8 grid -> flow on the shift-5 grid
+            flow = self.schedule.x0_to_flow(self.score_schedule.flow_to_x0(flow, x_t, t), x_t, t)
+        return critic_loss(flow, noise, x), {}
+
+    # ----------------------------------------------------------------------------------- steps
+    def _update(self, model, optimizer, loss_fn, max_norm: float, name: str, logs: StepLog) -> None:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        accum = self.tr.gradient_accumulation_steps
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(accum):
+            loss, info = loss_fn(self._next_prompts())
+            # Agreed across ranks, so a NaN on one rank stops every rank at the same point (no hang).
+            if not dist_utils.all_ranks_ok(bool(torch.isfinite(loss.detach()).all())):
+                raise TrainingDiverged(f"{name} loss is {loss.item()} at step {self.step}; weights were not "
+                                       f"updated. Last good checkpoint: {self.latest_checkpoint() or 'none yet'}")
+            (loss / accum).backward()
+            total += loss.detach().item() / accum
+            logs.add(f"{name}_", info)
+        grad_norm = dist_utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        logs.values[f"{name}_loss"] = total
+        logs.values[f"{name}_grad_norm"] = float(grad_norm)
+
+    def train_step(self) -> dict:
+        logs = StepLog()
+        start = time.time()
+        if self.step % self.tr.dfake_gen_update_ratio == 0:
+            self._update(self.m.generator, self.gen_opt, self.generator_loss, self.tr.max_grad_norm_generator,
+                         "generator", logs)
+            if self.step >= self.tr.ema_start_step:
+                if self.ema is None:  # starts as a copy of the current weights, like the reference
+                    self.ema = dist_utils.ShardedEMA(self.m.generator)
+                else:
+                    self.ema.update(self.m.generator, self.tr.ema_weight)
+        self._update(self.m.critic, self.critic_opt, self.critic_loss, self.tr.max_grad_norm_critic, "critic",
+                     logs)
+        self.step += 1
+        logs.values["step"] = self.step
+        logs.values["iteration_time"] = time.time() - start
+        return logs.values
+
+    def train(self) -> None:
+        bar = tqdm(total=self.tr.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.dist.is_main)
+        last_gen = float("nan")
+        while self.step < self.tr.max_steps:
+            values = self.train_step()
+            self._log(values)
+            bar.update(1)
+            last_gen = values.get("generator_loss", last_gen)
+            bar.set_postfix(gen=f"{last_gen:.4g}", critic=f"{values['critic_loss']:.4g}")
+            if self.step % self.tr.save_every == 0 or self.step == self.tr.max_steps:
+                self.save()
+        bar.close()
+
+    # -------------------------------------------------------------------------------- logging
+    def _init_wandb(self):
+        try:
+            import wandb
+        except ImportError:
+            log.warning("wandb is not installed (pip install wandb); logging to %s only", self.log_file)
+            return None
+        return wandb.init(project=self.tr.wandb_project, dir=str(self.logdir), name=self.logdir.name,
+                          config={"training": vars(self.tr)})
+
+    def _log(self, values: dict) -> None:
+        if not self.dist.is_main:
+            return
+        clean = {k: (v if isinstance(v, (int, str)) else round(float(v), 6)) for k, v in values.items()}
+        with self.log_file.open("a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+        if self.step % self.tr.log_every == 0:
+            log.info(" ".join(f"{k}={v}" for k, v in clean.items()))
+        if self.wandb is not None:
+            self.wandb.log(clean, step=self.step)
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        return found[-1] if found else None
+
+    def save(self) -> Path:
+        """Resumable DCP checkpoint + the reference-format export; both written atomically."""
+        path = self.ckpt_dir / f"step_{self.step:06d}"
+        extra = {"step": self.step, "sampler": self.sampler.state_dict(), "has_ema": self.ema is not None}
+        dist_utils.save_training_state(path, models={"generator": self.m.generator, "critic": self.m.critic},
+                                       optimizers={"generator": self.gen_opt, "critic": self.critic_opt},
+                                       stateful={"ema": self.ema} if self.ema is not None else None,
+                                       extra=extra)
+        generator_sd = dist_utils.full_state_dict(self.m.generator)
+        critic_sd = dist_utils.full_state_dict(self.m.critic)
+        ema_sd = self.ema.full_state_dict(self.m.generator) if self.ema is not None else None
+        if self.dist.is_main:
+            ckpt.export_reference_checkpoint(self.logdir / f"checkpoint_model_{self.step:06d}" / "model.pt",
+                                             generator_sd, critic_sd, ema_sd)
+            log.info("saved %s", path)
+        dist_utils.barrier()
+        return path
+
+    def resume(self) -> None:
+        """Restore models, optimizers, EMA, step, data position and every rank's RNG from the newest checkpoint."""
+        path = self.latest_checkpoint()
+        if path is None:
+            log.info("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+            return
+        with torch.no_grad():
+            ema = dist_utils.ShardedEMA(self.m.generator)  # placeholder shapes; overwritten if saved
+        meta = dist_utils.load_training_state(path, models={"generator": self.m.generator, "critic": self.m.critic},
+                                              optimizers={"generator": self.gen_opt, "critic": self.critic_opt},
+                                              stateful={"ema": ema} if dist_utils.checkpoint_extra(path)
+                                              .get("has_ema") else None)
+        self.step = meta["step"]
+        self.sampler.load_state_dict(meta["sampler"])
+        self.ema = ema if meta["has_ema"] else None
+        log.info("resumed from %s at step %d", path, self.step)
