@@ -20,7 +20,7 @@ from reward_forcing.build import build_training_models
 from reward_forcing.config import ConfigError, load_config, to_yaml
 from reward_forcing.data import read_prompts
 from reward_forcing.training import distributed as dist_utils
-from reward_forcing.training.trainer import Trainer, TrainingDiverged
+from reward_forcing.training.trainer import Trainer, TrainingDiverged, per_rank_batch_size
 
 log = logging.getLogger("train")
 
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config_path, args.overrides)
         prompts = [p.conditioning for p in read_prompts(cfg.training.data_path)]
+        per_rank_batch_size(cfg.training, dist.world_size)  # fail before building models
         gpu = dist.device.type == "cuda"
         frozen_dtype = torch.bfloat16 if gpu and cfg.training.mixed_precision else torch.float32
         models = build_training_models(cfg, device=dist.device, dtype=torch.float32, frozen_dtype=frozen_dtype)

@@ -89,7 +89,8 @@ class TrainingConfig:
     weight_decay: float = 0.01
     max_grad_norm_generator: float = 10.0
     max_grad_norm_critic: float = 10.0
-    batch_size: int = 1  # per GPU
+    batch_size: int = 1  # per GPU and micro-batch
+    global_batch_size: int = 0  # if > 0: prompts per optimizer step over all ranks; sets batch_size per GPU
     gradient_accumulation_steps: int = 8
     dfake_gen_update_ratio: int = 5
     max_steps: int = 601

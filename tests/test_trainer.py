@@ -192,3 +192,16 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     dist_utils.load_training_state(tmp_path / "checkpoints" / "step_000004",
                                    models={"generator": trainer.m.generator}, restore_rng=False)
     assert torch.equal(trainer.m.generator.state_dict()["head.head.weight"], reloaded.state_dict()["head.head.weight"])
+
+
+def test_sample_videos_and_global_batch(tmp_path):
+    from reward_forcing.video_io import read_video
+
+    trainer = make_trainer(tmp_path, "training.sample_every=2", "training.global_batch_size=2", "training.beta=0")
+    assert trainer.batch_size == 2
+    trainer.train()
+    frames, fps = read_video(tmp_path / "samples" / "step_000002.mp4")
+    assert frames.shape == (1 + 4 * 8, 48, 80, 3) and fps == 16
+    result = run_train("--config_path", TINY, "--logdir", tmp_path / "x", "--disable-wandb",
+                       "training.global_batch_size=3", "training.gradient_accumulation_steps=2")
+    assert result.returncode == 2 and "global_batch_size=3 is not divisible" in result.stderr

@@ -30,11 +30,24 @@ from ..models.text_encoder import TextEncoder
 from ..models.vae import WanVAE
 from ..models.wan import WanModel
 from ..schedule import FlowMatchSchedule, sample_training_timesteps
+from ..video_io import Mp4Writer
 from . import distributed as dist_utils
 from .losses import critic_loss, dmd_gradient, re_dmd_loss
 from .rollout import RolloutConfig, rollout
 
 log = logging.getLogger(__name__)
+
+
+def per_rank_batch_size(tr, world_size: int) -> int:
+    """Micro-batch per rank: ``batch_size``, or ``global_batch_size / (world_size * accumulation)``."""
+    if tr.global_batch_size <= 0:
+        return tr.batch_size
+    parts = world_size * tr.gradient_accumulation_steps
+    if tr.global_batch_size % parts:
+        raise ValueError(f"training.global_batch_size={tr.global_batch_size} is not divisible by world_size "
+                         f"{world_size} x gradient_accumulation_steps {tr.gradient_accumulation_steps} = {parts}; "
+                         f"use a multiple of {parts}")
+    return tr.global_batch_size // parts
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,6 +90,7 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         dist_utils.barrier()
 
+        self.batch_size = per_rank_batch_size(self.tr, dist.world_size)
         dist_utils.seed_everything(self.tr.seed, dist.rank)
         self.sampler = PromptSampler(prompts, rank=dist.rank, world_size=dist.world_size, seed=self.tr.seed)
         self.schedule = FlowMatchSchedule(cfg.schedule.timestep_shift)
@@ -106,13 +120,14 @@ class Trainer:
         self.compute_dtype = (torch.bfloat16 if self.tr.mixed_precision and self.device.type == "cuda"
                               else torch.float32)
         self.wandb = self._init_wandb() if use_wandb and dist.is_main else None
+        self._last_sample: tuple[torch.Tensor, str] | None = None
         self.log_file = self.logdir / "log.jsonl"
         if resume:
             self.resume()
 
     # ------------------------------------------------------------------------------------ data
     def _next_prompts(self) -> list[str]:
-        return [next(self.sampler) for _ in range(self.tr.batch_size)]
+        return [next(self.sampler) for _ in range(self.batch_size)]
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +165,7 @@ class Trainer:
     def generator_loss(self, prompts: list[str]) -> tuple[torch.Tensor, dict]:
         cond, uncond = self._encode(prompts)
         x = self._rollout(cond, grad=True)
+        self._last_sample = (x[0].detach(), prompts[0])
         info = {}
         reward = None
         if self.m.reward is not None and self.tr.beta != 0:
@@ -232,11 +248,29 @@ class Trainer:
             bar.update(1)
             last_gen = values.get("generator_loss", last_gen)
             bar.set_postfix(gen=f"{last_gen:.4g}", critic=f"{values['critic_loss']:.4g}")
+            if self.tr.sample_every and self.step % self.tr.sample_every == 0:
+                self.write_sample()
             if self.step % self.tr.save_every == 0 or self.step == self.tr.max_steps:
                 self.save()
         bar.close()
 
     # -------------------------------------------------------------------------------- logging
+    @torch.no_grad()
+    def write_sample(self) -> Path | None:
+        """Decode the latest generator rollout (rank 0) to ``samples/step_N.mp4`` and log it to wandb."""
+        if not self.dist.is_main or self._last_sample is None:
+            return None
+        latents, prompt = self._last_sample
+        frames = self.m.vae.decode(latents[None].to(self.m.vae.dtype))[0]
+        path = self.logdir / "samples" / f"step_{self.step:06d}.mp4"
+        with Mp4Writer(path, fps=self.cfg.video.fps) as writer:
+            writer.write(frames)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"sample": wandb.Video(str(path), caption=prompt)}, step=self.step)
+        return path
+
     def _init_wandb(self):
         try:
             import wandb
