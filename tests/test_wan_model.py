@@ -225,3 +225,21 @@ def test_matches_diffusers_wan_transformer(golden_dir, golden_tiny_model):
     # diffusers computes the sinusoidal time embedding in float32 where the reference (and we) use float64:
     # the golden README measures that alone at ~2.6e-5. A semantic difference would be >= 2e-4.
     assert (theirs - ours).abs().max() <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on CPU on purpose
+def test_flex_attention_block_causal_equals_dense_mask(random_tiny):
+    """FlexAttention with a block mask (the GPU path) gives the dense-mask SDPA result (forward; CPU flex
+    has no backward)."""
+    from reward_forcing.models import attention as attn
+
+    x, ctx, t = torch.randn(1, 16, 9, 4, 6), torch.randn(1, 5, 32), torch.rand(1, 9) * 1000
+    random_tiny.causal = CausalSpec(sink_policy="static", local_attn_size=6)
+    with torch.no_grad():
+        dense = random_tiny(x, t, ctx, causal=True)
+        attn.set_attention_backend("flex")
+        try:
+            flex = random_tiny(x, t, ctx, causal=True)
+        finally:
+            attn.set_attention_backend("auto")
+    assert (flex - dense).abs().max() <= 1e-5

@@ -5,7 +5,11 @@ same layout and **the same dtype** as q (the reference's fallback silently retur
 models). flash-attn only runs on CUDA in fp16/bf16 without a dense mask; anything else goes to SDPA, which on
 H100 picks its own flash/cuDNN kernels, so nothing is lost when flash-attn is absent.
 
-The backend can be forced with ``set_attention_backend("sdpa" | "flash" | "auto")`` or the environment
+Masked attention (the block-causal training mode) uses a dense boolean mask with SDPA, or FlexAttention with a
+block-sparse ``BlockMask`` (``auto`` on CUDA, or forced with ``flex``): flex skips fully masked tiles, which a
+dense mask cannot. FlexAttention has a forward but no backward on CPU.
+
+The backend can be forced with ``set_attention_backend("sdpa" | "flash" | "flex" | "auto")`` or the environment
 variable ``REWARD_FORCING_ATTENTION`` (same values).
 """
 from __future__ import annotations
@@ -24,7 +28,7 @@ try:  # FlashAttention 2
 except ImportError:  # pragma: no cover - depends on the host
     _fa2 = None
 
-_BACKENDS = ("auto", "sdpa", "flash")
+_BACKENDS = ("auto", "sdpa", "flash", "flex")
 _backend = os.environ.get("REWARD_FORCING_ATTENTION", "auto")
 if _backend not in _BACKENDS:
     raise ValueError(f"REWARD_FORCING_ATTENTION={_backend!r}; expected one of {_BACKENDS}")
@@ -55,6 +59,50 @@ def _flash_usable(device: torch.device, dtype: torch.dtype, has_mask: bool) -> b
     return _fa3 is not None or _fa2 is not None
 
 
+def use_flex_for_masks(device: torch.device | str) -> bool:
+    """Whether masked attention on ``device`` goes through FlexAttention (else SDPA with a dense mask)."""
+    if _backend == "flex":
+        return True
+    return _backend == "auto" and torch.device(device).type == "cuda" and _flex_available()
+
+
+def _flex_available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return False
+    return True
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q, k, v, block_mask):
+    """FlexAttention, compiled on CUDA (eager flex materialises scores; compiled skips masked tiles)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+def frame_block_mask(frame_mask: torch.Tensor, tokens_per_frame: int, device):
+    """A flex ``BlockMask`` for a frame-level boolean mask ``[Fq, Fk]`` (True = may attend), each frame being
+    ``tokens_per_frame`` consecutive tokens of the query / key sequence."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    frames = frame_mask.to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return frames[q_idx // tokens_per_frame, kv_idx // tokens_per_frame]
+
+    return create_block_mask(mask_mod, None, None, frames.shape[0] * tokens_per_frame,
+                             frames.shape[1] * tokens_per_frame, device=device)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -64,8 +112,11 @@ def attention(
     """Softmax attention with scale ``1/sqrt(head_dim)``.
 
     q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, H, D]``; attn_mask: optional bool ``[Lq, Lk]`` or
-    ``[B, 1, Lq, Lk]`` (True = may attend). Returns ``[B, Lq, H, D]`` in q's dtype.
+    ``[B, 1, Lq, Lk]`` (True = may attend), or a flex ``BlockMask``. Returns ``[B, Lq, H, D]`` in q's dtype.
     """
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a flex BlockMask
+        out = _flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
+        return out.transpose(1, 2).to(q.dtype)
     if _flash_usable(q.device, q.dtype, attn_mask is not None):
         if _fa3 is not None:
             out = _fa3.flash_attn_func(q, k, v)

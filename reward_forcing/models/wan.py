@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention
+from .attention import attention, frame_block_mask, use_flex_for_masks
 from .kv_cache import CacheStep, CausalSpec, KVCache, LayerKV, rank_positions
 
 
@@ -434,7 +434,10 @@ class WanModel(nn.Module):
                 m[start:end] = True
                 sink_masks.append(m)
         frame_mask = torch.cat([frame_mask, *sink_masks], dim=1)
-        layout.mask = frame_mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1).to(device)
+        if use_flex_for_masks(device):
+            layout.mask = frame_block_mask(frame_mask, tokens, device)
+        else:
+            layout.mask = frame_mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1).to(device)
 
 
 # ------------------------------------------------------------------------------------ initialisers
