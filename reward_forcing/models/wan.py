@@ -169,7 +169,9 @@ class _AttentionLayout:
         return self.rope.freqs(frame_positions, self.grid[1], self.grid[2], self.device)
 
 
-class SelfAttention(nn.Module):
+class _Attention(nn.Module):
+    """q, k, v, o projections with RMSNorm on q and k over the full width (the released parameter names)."""
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -177,6 +179,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
+
+class SelfAttention(_Attention):
     def forward(self, x: torch.Tensor, layout: _AttentionLayout, layer_kv: LayerKV | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         heads = (b, n, self.num_heads, self.head_dim)
@@ -198,15 +202,8 @@ class SelfAttention(nn.Module):
         return self.o(attention(q, k, v, mask).flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Attention from video tokens to the 512 embedded text rows (no RoPE, no mask: padding rows included)."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, _ = context.shape
