@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--offload_text_encoder", action="store_true",
-                   help="keep UMT5 on the CPU (saves ~11 GB of GPU memory for small GPUs)")
+                   help="park UMT5 on the CPU and move it to the GPU only to encode each prompt (saves ~11 GB "
+                        "of GPU memory between prompts, for 16 GB cards)")
     p.add_argument("--save_with_index", action="store_true", help=argparse.SUPPRESS)  # reference flag; names
     # always carry the prompt index here
     p.add_argument("--i2v", action="store_true", help=argparse.SUPPRESS)

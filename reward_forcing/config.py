@@ -73,7 +73,7 @@ class VideoConfig:
 @dataclass
 class TextConfig:
     negative_prompt: str = WAN_NEGATIVE_PROMPT  # used by the teacher's CFG in training
-    offload_text_encoder: bool = False  # move UMT5 back to the CPU after encoding (small GPUs)
+    offload_text_encoder: bool = False  # park UMT5 on the CPU; it visits the GPU only to encode (small GPUs)
 
 
 @dataclass

@@ -87,10 +87,20 @@ class StreamingPipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder output ``[B, 512, text_dim]`` on the generator's device and dtype."""
+        """Text-encoder output ``[B, 512, text_dim]`` on the generator's device and dtype.
+
+        With ``offload_text_encoder`` the encoder lives on the CPU and visits the generator's device only to
+        encode (umt5-xxl is ~11 GB in bf16: parking it keeps peak GPU memory to the DiT, caches and VAE).
+        """
         if self.text_encoder is None:
             raise RuntimeError("this pipeline has no text encoder: pass context= instead of prompts")
-        context = self.text_encoder(list(prompts))
+        if self.offload_text_encoder:
+            self.text_encoder.to(self.device)
+        try:
+            context = self.text_encoder(list(prompts))
+        finally:
+            if self.offload_text_encoder:
+                self.text_encoder.to("cpu")
         return context.to(device=self.device, dtype=self.dtype)
 
     def _kv_cache(self, batch: int, height: int, width: int, num_frames: int) -> KVCache:
@@ -138,8 +148,6 @@ class StreamingPipeline:
 
         if context is None:
             context = self.encode_prompts(prompts)
-            if self.offload_text_encoder and self.text_encoder is not None:
-                self.text_encoder.to("cpu")
         context = context.to(device=self.device, dtype=self.dtype)
         batch = context.shape[0]
         h, w = height // 8, width // 8

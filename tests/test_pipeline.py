@@ -90,3 +90,20 @@ def test_bad_arguments(tiny_pipe):
         next(tiny_pipe.stream("x", num_frames=3, height=50, width=80))
     with pytest.raises(ValueError, match="noise has shape"):
         next(tiny_pipe.stream("x", num_frames=3, height=48, width=80, noise=torch.zeros(1, 6, 16, 6, 10)))
+
+
+def test_offloaded_text_encoder_visits_the_device_only_to_encode():
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["text.offload_text_encoder=true"])
+    pipe = StreamingPipeline.from_config(cfg)
+    moves = []
+    original_to = pipe.text_encoder.to
+
+    def spy(*args, **kwargs):
+        moves.append(str(args[0]))
+        return original_to(*args, **kwargs)
+
+    pipe.text_encoder.to = spy
+    encode = pipe.text_encoder.forward
+    pipe.text_encoder.forward = lambda prompts: (moves.append("encode"), encode(prompts))[1]
+    pipe.generate("a red car", num_frames=3, height=48, width=80, decode=False)
+    assert moves == [str(pipe.device), "encode", "cpu"]
