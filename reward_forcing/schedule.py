@@ -33,6 +33,13 @@ class FlowMatchSchedule:
         s = torch.linspace(1.0, 0.0, self.num_train_timesteps + 1)[:-1]
         self.sigmas = self.shift * s / (1 + (self.shift - 1) * s)
         self.timesteps = self.sigmas * self.num_train_timesteps
+        self._on_device: dict = {}  # (name, device, dtype) -> grid copy: no host-to-device copy per call
+
+    def _grid(self, name: str, device, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, str(device), dtype)
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, name).to(device=device, dtype=dtype)
+        return self._on_device[key]
 
     # ----------------------------------------------------------------------------------------- lookups
     def grid_index(self, t: torch.Tensor | float, *, precision: torch.dtype = torch.float32) -> torch.Tensor:
@@ -42,14 +49,14 @@ class FlowMatchSchedule:
         float32, its flow/x0 conversions in float64 (they differ only on exact ties).
         """
         t = torch.as_tensor(t).reshape(-1)
-        grid = self.timesteps.to(device=t.device, dtype=precision)
+        grid = self._grid("timesteps", t.device, precision)
         return (grid[None, :] - t.to(precision)[:, None]).abs().argmin(dim=1)
 
     def sigma(self, t: torch.Tensor | float, *, precision: torch.dtype = torch.float32) -> torch.Tensor:
         """sigma of the grid point nearest to each timestep; shape of ``t``, dtype ``precision``."""
         t = torch.as_tensor(t)
         index = self.grid_index(t, precision=precision)
-        return self.sigmas.to(device=t.device, dtype=precision)[index].reshape(t.shape)
+        return self._grid("sigmas", t.device, precision)[index].reshape(t.shape)
 
     def warp(self, steps: Sequence[float]) -> list[float]:
         """Few-step list in the shifted time: ``concat(timesteps, [0])[1000 - step]`` (reference warp).
