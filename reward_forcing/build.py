@@ -70,6 +70,7 @@ def build_generator(cfg: Config, *, checkpoint: str | Path | None = None, use_em
     """The causal student, with the attention pattern of ``cfg.causal``."""
     model = build_dit(cfg, cfg.model.generator, causal=cfg.causal.spec(), weights=checkpoint, use_ema=use_ema,
                       device=device, dtype=dtype, what="generator")
+    model.rope.precision = getattr(torch, cfg.model.rope_precision)
     return model.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
 
 

@@ -36,6 +36,7 @@ class ModelConfig:
     reward: str = "videoreward"  # videoreward | tiny (training only; unused when training.beta = 0)
     random_init: bool = False  # build random weights instead of loading checkpoints (tiny debug runs)
     gradient_checkpointing: bool = True
+    rope_precision: str = "float64"  # float64 (reference numerics) | float32 (faster on GPU, ~1e-6 apart)
 
 
 @dataclass
@@ -141,6 +142,8 @@ def _validate(cfg: Config, source: str) -> None:
             fail(f"model.{key}", f"{getattr(cfg.model, key)!r} is not one of {_FLAVORS}")
     if cfg.model.text_encoder not in ("umt5-xxl", "tiny"):
         fail("model.text_encoder", f"{cfg.model.text_encoder!r} is not 'umt5-xxl' or 'tiny'")
+    if cfg.model.rope_precision not in ("float64", "float32"):
+        fail("model.rope_precision", f"{cfg.model.rope_precision!r} is not 'float64' or 'float32'")
     if cfg.model.reward not in ("videoreward", "tiny"):
         fail("model.reward", f"{cfg.model.reward!r} is not 'videoreward' or 'tiny'")
     if cfg.model.vae not in ("wan2.1", "tiny"):

@@ -92,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "flavor only); umt5-xxl: the real 5.7B architecture with random weights (~11.4 GB in bf16)")
     g.add_argument("--offload_text_encoder", action="store_true",
                    help="move the text encoder to the CPU after encoding (peak_mem_gb then excludes it)")
+    g.add_argument("--rope_precision", default="float64", choices=["float64", "float32"],
+                   help="RoPE arithmetic: float64 complex (reference numerics) or float32 real (faster on GPU)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each generator block (errors fall back to eager; see compile_status)")
     g.add_argument("--compile_mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
@@ -659,6 +661,7 @@ def run_benchmark(args) -> dict:
     memory = PeakMemory(device)
 
     generator = build_generator(args.flavor, args.spec, device, dtype, args.seed)
+    generator.rope.precision = getattr(torch, args.rope_precision)
     vae = build_vae(args.vae, device, dtype, args.seed)
     text_encoder = build_text_encoder(args.text_encoder, device, dtype, args.seed)
     text_dim = generator.config.text_dim
@@ -714,7 +717,7 @@ def run_benchmark(args) -> dict:
         "offload_text_encoder": args.offload_text_encoder,
         **environment(device, dtype),
         "load_avg_1m": load,
-        "compile": bool(args.compile), "compile_status": compile_status,
+        "compile": bool(args.compile), "compile_status": compile_status, "rope_precision": args.rope_precision,
         "cudnn_benchmark": bool(args.cudnn_benchmark),
         "dtype": str(dtype).replace("torch.", ""),
         "height": args.height, "width": args.width,
