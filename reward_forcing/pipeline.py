@@ -118,6 +118,13 @@ class StreamingPipeline:
         # Drawn on the CPU so a seed gives the same video on every device.
         return lambda shape: torch.randn(shape, generator=generator)
 
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Host tensors reach a GPU through pinned memory without blocking: a plain ``.to(cuda)`` from pageable
+        memory waits for the GPU queue to drain, a bubble on every re-noising draw. Same values either way."""
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            return x.pin_memory().to(self.device, dtype=self.dtype, non_blocking=True)
+        return x.to(self.device, self.dtype)
+
     # ------------------------------------------------------------------------------------- public
     @torch.no_grad()
     def stream(self, prompts: str | list[str] | None = None, *, num_frames: int = 21, height: int = 480,
@@ -169,8 +176,7 @@ class StreamingPipeline:
         cache = self._kv_cache(batch, h, w, num_frames)
         decoder = self.vae.stream_decoder() if decode else None
         for index, start in enumerate(range(0, num_frames, block)):
-            latents = self.denoise_block(noise[:, start:start + block].to(self.device, self.dtype), text, cache,
-                                         start, renoise)
+            latents = self.denoise_block(self._to_device(noise[:, start:start + block]), text, cache, start, renoise)
             frames = decoder.decode(latents.to(self.vae.dtype)) if decoder is not None else None
             yield StreamChunk(index, latents, frames)
 
@@ -183,12 +189,12 @@ class StreamingPipeline:
             flow = _bfchw(self.generator(_bfchw(x), timestep, text, kv_cache=cache, start_frame=start))
             x0 = self.schedule.flow_to_x0(flow, x, timestep)
             if k + 1 < len(self.timesteps):
-                eps = renoise(tuple(x0.shape)).reshape(x0.shape).to(x0.device, x0.dtype)
+                eps = self._to_device(renoise(tuple(x0.shape)).reshape(x0.shape))
                 x = self.schedule.add_noise(x0, eps, torch.full((batch, frames), self.timesteps[k + 1],
                                                                  device=self.device))
         clean = x0
         if self.context_noise > 0:  # the reference adds none at inference (context_noise 0)
-            clean = self.schedule.add_noise(x0, renoise(tuple(x0.shape)).to(x0.device, x0.dtype),
+            clean = self.schedule.add_noise(x0, self._to_device(renoise(tuple(x0.shape)).reshape(x0.shape)),
                                             torch.full((batch, frames), self.context_noise, device=self.device))
         timestep = torch.full((batch, frames), self.context_noise, device=self.device, dtype=torch.float32)
         self.generator(_bfchw(clean), timestep, text, kv_cache=cache, start_frame=start)
