@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offload_text_encoder", action="store_true",
                    help="park UMT5 on the CPU and move it to the GPU only to encode each prompt (saves ~11 GB "
                         "of GPU memory between prompts, for 16 GB cards)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the generator's blocks (first video slower; errors fall back to eager)")
     p.add_argument("--save_with_index", action="store_true", help=argparse.SUPPRESS)  # reference flag; names
     # always carry the prompt index here
     p.add_argument("--i2v", action="store_true", help=argparse.SUPPRESS)
@@ -107,6 +109,8 @@ def setup(args):
         overrides.append(f"video.num_output_frames={args.num_output_frames}")
     if args.offload_text_encoder:
         overrides.append("text.offload_text_encoder=true")
+    if args.compile:
+        overrides.append("model.compile=true")
     cfg = load_config(args.config_path, overrides)
     prompts = read_prompts(args.data_path, args.extended_prompt_path)
 

@@ -74,6 +74,12 @@ def build_generator(cfg: Config, *, checkpoint: str | Path | None = None, use_em
     return model.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
 
 
+def build_inference_generator(cfg: Config, **kwargs) -> WanModel:
+    """The generator for streaming inference: ``build_generator`` plus ``model.compile``."""
+    model = build_generator(cfg, **kwargs)
+    return model.compile_blocks() if cfg.model.compile else model
+
+
 def build_text_encoder(cfg: Config, *, device="cpu", dtype=torch.float32) -> TextEncoder:
     if cfg.model.text_encoder == "tiny":
         return TextEncoder.tiny().to(device=device, dtype=dtype)

@@ -37,6 +37,7 @@ class ModelConfig:
     random_init: bool = False  # build random weights instead of loading checkpoints (tiny debug runs)
     gradient_checkpointing: bool = True
     rope_precision: str = "float64"  # float64 (reference numerics) | float32 (faster on GPU, ~1e-6 apart)
+    compile: bool = False  # torch.compile the generator's blocks for inference (eager fallback on errors)
 
 
 @dataclass

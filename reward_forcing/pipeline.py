@@ -62,9 +62,10 @@ class StreamingPipeline:
     def from_config(cls, cfg: Config, *, checkpoint=None, use_ema: bool = False, device="cpu",
                     dtype=torch.float32, text_encoder_device=None) -> "StreamingPipeline":
         """Build every model the config names (tiny random ones for ``configs/tiny.yaml``)."""
-        from .build import build_generator, build_text_encoder, build_vae
+        from .build import build_inference_generator, build_text_encoder, build_vae
 
-        generator = build_generator(cfg, checkpoint=checkpoint, use_ema=use_ema, device=device, dtype=dtype)
+        generator = build_inference_generator(cfg, checkpoint=checkpoint, use_ema=use_ema, device=device,
+                                              dtype=dtype)
         text_device = text_encoder_device or ("cpu" if cfg.text.offload_text_encoder else device)
         text_encoder = build_text_encoder(cfg, device=text_device, dtype=dtype)
         vae = build_vae(cfg, device=device, dtype=dtype)

@@ -252,20 +252,12 @@ def _param_bytes(module: torch.nn.Module | None) -> int:
 
 # ------------------------------------------------------------------------------------------- compile
 def compile_generator(generator: WanModel, mode: str) -> None:
-    """torch.compile every transformer block in place (the cache bookkeeping around them stays eager).
-    Dynamo errors fall back to eager per frame instead of failing the run."""
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
-    # The ring cache presents a few distinct slot layouts (window filling up, wrap-around): allow them all.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in generator.blocks:
-        block.compile(mode=mode, dynamic=False)
+    """torch.compile every transformer block in place (see ``WanModel.compile_blocks``)."""
+    generator.compile_blocks(mode)
 
 
 def uncompile_generator(generator: WanModel) -> None:
-    for block in generator.blocks:
-        block._compiled_call_impl = None
+    generator.uncompile_blocks()
 
 
 # -------------------------------------------------------------------------------------------- timing

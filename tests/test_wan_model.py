@@ -256,3 +256,26 @@ def test_float32_rope_matches_float64_on_the_golden_trace(golden_tiny_model, gol
                                      start_frame=int(tr[key + "current_start"]) // 15)
             worst = max(worst, (bfchw(flow) - tr[key + "flow_pred"]).abs().max().item())
     assert worst <= TOL
+
+
+def test_compiled_blocks_equal_eager(random_tiny):
+    """torch.compile (the inference speed switch) leaves streaming outputs unchanged (fp32, CPU)."""
+    x, ctx = torch.randn(1, 16, 9, 4, 6), torch.randn(1, 5, 32)
+
+    def run():
+        cache = random_tiny.new_kv_cache(1, 4, 6)
+        outs = []
+        with torch.no_grad():
+            for start in (0, 3, 6):
+                for t in (1000.0, 625.0, 0.0):
+                    outs.append(random_tiny(x[:, :, start:start + 3], torch.full((1, 3), t), ctx, kv_cache=cache,
+                                            start_frame=start))
+        return torch.cat(outs, 2)
+
+    eager = run()
+    try:
+        random_tiny.compile_blocks()
+        compiled = run()
+    finally:
+        random_tiny.uncompile_blocks()
+    assert (compiled - eager).abs().max() <= 1e-5

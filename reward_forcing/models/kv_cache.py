@@ -45,7 +45,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 
 import torch
 
@@ -107,14 +106,12 @@ class CacheStep:
     def valid_slots(self) -> int:
         return len(self.slot_frame)
 
-    @cached_property
-    def positions(self) -> dict[int, int]:
-        return rank_positions(self.slot_frame)
-
-    @cached_property
-    def query_positions(self) -> list[int]:
-        pos = self.positions
-        return [pos[a] for a in range(self.start_frame, self.start_frame + self.num_frames)]
+    def __post_init__(self):
+        # Computed once per call and shared by every layer. Plain attributes, not cached_property: its lock
+        # (Python < 3.12) makes torch.compile break the graph.
+        self.positions: dict[int, int] = rank_positions(self.slot_frame)
+        self.query_positions: list[int] = [self.positions[a] for a in
+                                           range(self.start_frame, self.start_frame + self.num_frames)]
 
     @property
     def past_slots(self) -> list[int]:

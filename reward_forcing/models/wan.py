@@ -314,6 +314,26 @@ class WanModel(nn.Module):
     def from_flavor(cls, flavor: str, causal: CausalSpec | None = None, **overrides) -> "WanModel":
         return cls(WanConfig.from_flavor(flavor, **overrides), causal)
 
+    def compile_blocks(self, mode: str = "default") -> "WanModel":
+        """``torch.compile`` every transformer block in place (cache bookkeeping and RoPE tables stay eager).
+
+        Safe fallback: Dynamo errors are suppressed process-wide, so a block that fails to compile runs eager
+        instead of failing the video. Undo with :meth:`uncompile_blocks`.
+        """
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        # The ring cache presents a few distinct window layouts (filling up, steady state): allow them all.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for block in self.blocks:
+            block.compile(mode=mode, dynamic=False)
+        return self
+
+    def uncompile_blocks(self) -> "WanModel":
+        for block in self.blocks:
+            block._compiled_call_impl = None
+        return self
+
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "WanModel":
         self.gradient_checkpointing = enabled
         return self
