@@ -98,7 +98,8 @@ ASSETS: dict[str, Asset] = {
 # --------------------------------------------------------------------------------------------------
 # Paths
 # --------------------------------------------------------------------------------------------------
-def _hint(train: bool) -> str:
+def download_hint(train: bool = False) -> str:
+    """What to run to get missing files: ``download_checkpoints.sh``, with ``--train`` for training assets."""
     return _DOWNLOAD_HINT_TRAIN if train else _DOWNLOAD_HINT
 
 
@@ -127,7 +128,7 @@ def require_file(path: str | os.PathLike, what: str, *, train: bool = False) -> 
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"missing {what}: '{p}' does not exist; {_hint(train)}.")
+        raise FileNotFoundError(f"missing {what}: '{p}' does not exist; {download_hint(train)}.")
     return p
 
 

@@ -22,6 +22,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from ..checkpoints import require_file
+
 __all__ = [
     "WAN_T5_CHECKPOINT",
     "WAN_T5_TOKENIZER_DIR",
@@ -36,15 +38,6 @@ __all__ = [
 WAN_T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
 WAN_T5_TOKENIZER_DIR = os.path.join("google", "umt5-xxl")
 TEXT_LEN = 512
-
-_DOWNLOAD_HINT = "run `bash download_checkpoints.sh` to fetch the checkpoints"
-
-
-def _require(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {str(path)!r}; {_DOWNLOAD_HINT}")
-    return path
-
 
 def clean_prompt(text: str) -> str:
     """Wan's ``clean='whitespace'`` prompt cleaning: ftfy, HTML-unescape twice, collapse whitespace, strip."""
@@ -162,8 +155,8 @@ class TextEncoder(torch.nn.Module):
         5.7B weights are never randomly initialised nor held twice before the final ``.to(device, dtype)``.
         """
         folder = Path(folder)
-        checkpoint = _require(folder / WAN_T5_CHECKPOINT, "Wan T5 checkpoint")
-        tokenizer_dir = _require(folder / WAN_T5_TOKENIZER_DIR, "umt5-xxl tokenizer folder")
+        checkpoint = require_file(folder / WAN_T5_CHECKPOINT, "Wan T5 checkpoint")
+        tokenizer_dir = require_file(folder / WAN_T5_TOKENIZER_DIR, "umt5-xxl tokenizer folder")
         with torch.device("meta"):
             encoder = UMT5EncoderModel(umt5_xxl_config())
         state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
@@ -186,8 +179,8 @@ class TextEncoder(torch.nn.Module):
             encoder_dir, tokenizer_dir = folder / "text_encoder", folder / "tokenizer"
         else:
             encoder_dir = tokenizer_dir = folder
-        _require(encoder_dir / "config.json", "text encoder config")
-        _require(tokenizer_dir, "tokenizer folder")
+        require_file(encoder_dir / "config.json", "text encoder config")
+        require_file(tokenizer_dir, "tokenizer folder")
         encoder = UMT5EncoderModel.from_pretrained(encoder_dir, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         return cls(encoder.to(device=device, dtype=dtype), tokenizer)

@@ -25,6 +25,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
+from ..checkpoints import require_file
+
 __all__ = ["WAN_LATENT_MEAN", "WAN_LATENT_STD", "WanVAE", "WanStreamDecoder"]
 
 WAN_LATENT_MEAN: tuple[float, ...] = (
@@ -47,9 +49,6 @@ TINY_VAE_ARCH = dict(
     base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
     temperal_downsample=[False, True, True],
 )
-
-_DOWNLOAD_HINT = "run `bash download_checkpoints.sh` to fetch the checkpoints"
-
 
 def _channel_constants(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Per-channel constants shaped ``[C, 1, 1, 1]`` for broadcasting over a ``[B, C, F, H, W]`` tensor."""
@@ -85,8 +84,7 @@ class WanVAE(torch.nn.Module):
     def from_wan_pth(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu") -> "WanVAE":
         """Load the original ``Wan2.1_VAE.pth`` (real architecture)."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Wan VAE checkpoint not found: {os.fspath(path)!r}; {_DOWNLOAD_HINT}")
+        require_file(path, "Wan VAE checkpoint")
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
         return cls.from_original_state_dict(state_dict).to(device=device, dtype=dtype)
 

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from reward_forcing.checkpoints import find_video_reward_dir, require_file
+from reward_forcing.checkpoints import download_hint, find_video_reward_dir, require_file
 
 __all__ = [
     "REWARD_TOKENS", "EVAL_DIMS", "DEFAULT_NORMALIZATION", "DEFAULT_PROMPT_TEMPLATE", "CLIP_MEAN", "CLIP_STD",
@@ -149,7 +149,7 @@ _QWEN2_VL_2B_INSTRUCT = {
 }
 _QWEN2_VL_2B_NAMES = ("Qwen2-VL-2B-Instruct",)
 
-_DOWNLOAD_HINT_TRAIN = "run `bash download_checkpoints.sh --train`"
+_DOWNLOAD_HINT_TRAIN = download_hint(train=True)
 
 
 # ==================================================================================================
