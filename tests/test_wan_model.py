@@ -279,3 +279,22 @@ def test_compiled_blocks_equal_eager(random_tiny):
     finally:
         random_tiny.uncompile_blocks()
     assert (compiled - eager).abs().max() <= 1e-5
+
+
+def test_full_size_geometry_on_the_meta_device():
+    """The 1.3B student streams at 480x832 (60x104 latents, 1560 tokens/frame) and the 14B teacher runs
+    bidirectionally: every shape at real size, no compute (meta tensors)."""
+    with torch.device("meta"):
+        student = WanModel.from_flavor("1.3B").to(torch.bfloat16)
+        teacher = WanModel.from_flavor("14B").to(torch.bfloat16)
+    cache = student.new_kv_cache(1, 60, 104)
+    assert tuple(cache.k.shape) == (30, 1, 9 * 1560, 12, 128)  # the reference's 14040-token inference cache
+    x = torch.empty(1, 16, 3, 60, 104, device="meta", dtype=torch.bfloat16)
+    ctx = torch.empty(1, 512, 4096, device="meta", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for start in range(0, 15, 3):
+            for t in (1000.0, 0.0):
+                out = student(x, torch.full((1, 3), t, device="meta"), ctx, kv_cache=cache, start_frame=start)
+        assert out.shape == x.shape and out.dtype == torch.bfloat16
+        assert cache.window_frames() == [0, 1, 2, 9, 10, 11, 12, 13, 14] and cache.num_sink_updates == 2
+        assert teacher(x, torch.full((1,), 500.0, device="meta"), ctx).shape == x.shape
