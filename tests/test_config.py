@@ -45,3 +45,8 @@ def test_bad_overrides_and_missing_file(tmp_path):
         load_config(CONFIGS / "tiny.yaml", ["causal.foo=1"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_self_forcing_ablation_is_plain_dmd():
+    cfg = load_config(CONFIGS / "self_forcing.yaml")
+    assert cfg.training.beta == 0.0 and cfg.causal.sink_policy == "ema"

@@ -205,3 +205,13 @@ def test_sample_videos_and_global_batch(tmp_path):
     result = run_train("--config_path", TINY, "--logdir", tmp_path / "x", "--disable-wandb",
                        "training.global_batch_size=3", "training.gradient_accumulation_steps=2")
     assert result.returncode == 2 and "global_batch_size=3 is not divisible" in result.stderr
+
+
+def test_wandb_is_optional(tmp_path):
+    """Asking for wandb works with or without the package (WANDB_MODE=disabled in tests): training goes on and
+    the JSONL log is written either way."""
+    cfg = load_config(TINY, ["training.max_steps=1", "training.beta=0"])
+    trainer = Trainer(cfg, build_training_models(cfg), PROMPTS, tmp_path, dist=dist_utils.init_distributed(),
+                      use_wandb=True)
+    trainer.train()
+    assert (tmp_path / "log.jsonl").read_text().count("\n") == 1
