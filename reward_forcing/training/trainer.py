@@ -119,9 +119,9 @@ class Trainer:
                                        and dist.world_size == 1)
         self.compute_dtype = (torch.bfloat16 if self.tr.mixed_precision and self.device.type == "cuda"
                               else torch.float32)
+        self.log_file = self.logdir / "log.jsonl"
         self.wandb = self._init_wandb() if use_wandb and dist.is_main else None
         self._last_sample: tuple[torch.Tensor, str] | None = None
-        self.log_file = self.logdir / "log.jsonl"
         if resume:
             self.resume()
 
