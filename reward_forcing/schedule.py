@@ -99,10 +99,6 @@ class FlowMatchSchedule:
         sigma = self._sigma64(t, x0)
         return ((x_t.double() - x0.double()) / sigma).to(x0.dtype)
 
-    def training_target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The flow the model should predict: ``noise - x0``."""
-        return noise - x0
-
 
 def shift_timestep(t: torch.Tensor, shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Map timesteps through the shift warp ``T * shift u / (1 + (shift - 1) u)``, ``u = t / T`` (float32)."""

@@ -13,7 +13,6 @@ import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(os.environ.get("REWARD_FORCING_GOLDEN", REPO_ROOT.parent / "shared" / "golden"))
-PROMPTS_DIR = REPO_ROOT.parent / "shared" / "data" / "prompts"
 
 
 @pytest.fixture(scope="session")

@@ -298,3 +298,15 @@ def test_full_size_geometry_on_the_meta_device():
         assert out.shape == x.shape and out.dtype == torch.bfloat16
         assert cache.window_frames() == [0, 1, 2, 9, 10, 11, 12, 13, 14] and cache.num_sink_updates == 2
         assert teacher(x, torch.full((1,), 500.0, device="meta"), ctx).shape == x.shape
+
+
+def test_reference_init_predicts_zero_flow():
+    """The reference initialisation zeroes the head weight (spec 1.6): a fresh model predicts flow = bias only."""
+    from reward_forcing.models.wan import init_weights_
+
+    model = init_weights_(WanModel.from_flavor("tiny"))
+    assert model.head.head.weight.abs().sum() == 0 and model.head.head.bias.abs().sum() == 0
+    with torch.no_grad():
+        flow = model(torch.randn(1, 16, 3, 4, 6), torch.tensor([500.0]), torch.randn(1, 5, 32))
+    assert torch.equal(flow, torch.zeros_like(flow))
+    assert model.blocks[0].self_attn.q.bias.abs().sum() == 0 and model.blocks[0].self_attn.q.weight.std() > 0
