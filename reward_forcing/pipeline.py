@@ -24,7 +24,7 @@ from .config import Config
 from .models.kv_cache import KVCache
 from .models.text_encoder import TextEncoder
 from .models.vae import WanVAE
-from .models.wan import WanModel
+from .models.wan import TextContext, WanModel
 from .schedule import FlowMatchSchedule
 
 NoiseSource = Callable[[tuple[int, ...]], torch.Tensor]
@@ -56,7 +56,8 @@ class StreamingPipeline:
         self.timesteps = self.schedule.warp(steps) if warp else [float(s) for s in steps]
         self.context_noise = float(context_noise)
         self.offload_text_encoder = offload_text_encoder
-        self._cache: KVCache | None = None
+        self._cache: KVCache | None = None  # self-attention KV cache, reset per prompt batch
+        self._text: TextContext | None = None  # cross-attention K/V, overwritten per prompt batch
 
     @classmethod
     def from_config(cls, cfg: Config, *, checkpoint=None, use_ema: bool = False, device="cpu",
@@ -140,6 +141,9 @@ class StreamingPipeline:
         noise: optional initial noise ``[B, num_frames, C, h, w]``; renoise: optional iterable of the
         re-noising draws (any shape with the block's element count, e.g. the reference's ``[B*f, C, h, w]``)
         or a callable ``shape -> tensor``. Both exist so a test can replay a recorded run.
+
+        One stream at a time per pipeline: the KV and cross-attention caches are shared and reset by the next
+        ``stream()`` call (use a second pipeline over the same models for concurrent streams).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -173,7 +177,7 @@ class StreamingPipeline:
             draws = iter(renoise)
             renoise = lambda shape: next(draws)  # noqa: E731
 
-        text = self.generator.prepare_context(context)
+        text = self._text = self.generator.prepare_context(context, out=self._text)
         cache = self._kv_cache(batch, h, w, num_frames)
         decoder = self.vae.stream_decoder() if decode else None
         for index, start in enumerate(range(0, num_frames, block)):

@@ -41,7 +41,7 @@ def test_seed_determinism_and_cache_reset_between_prompts(tiny_pipe):
     _, b = tiny_pipe.generate("a blue boat", seed=5, **kw)
     _, a2 = tiny_pipe.generate("a red car", seed=5, **kw)
     _, a3 = tiny_pipe.generate("a red car", seed=6, **kw)
-    assert torch.equal(a1, a2)  # the reused cache was reset: no leakage from the previous prompt
+    assert torch.equal(a1, a2)  # the reused caches were reset / overwritten: no leakage from the previous prompt
     assert not torch.equal(a1, b) and not torch.equal(a1, a3)
 
 
@@ -107,3 +107,11 @@ def test_offloaded_text_encoder_visits_the_device_only_to_encode():
     pipe.text_encoder.forward = lambda prompts: (moves.append("encode"), encode(prompts))[1]
     pipe.generate("a red car", num_frames=3, height=48, width=80, decode=False)
     assert moves == [str(pipe.device), "encode", "cpu"]
+
+
+def test_caches_are_allocated_once_per_session(tiny_pipe):
+    kw = dict(num_frames=3, height=48, width=80, decode=False)
+    tiny_pipe.generate("a red car", **kw)
+    kv, text = tiny_pipe._cache.k.data_ptr(), tiny_pipe._text.layer_kv[0][0].data_ptr()
+    tiny_pipe.generate("a blue boat", **kw)
+    assert tiny_pipe._cache.k.data_ptr() == kv and tiny_pipe._text.layer_kv[0][0].data_ptr() == text

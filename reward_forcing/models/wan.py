@@ -362,10 +362,22 @@ class WanModel(nn.Module):
             context = torch.cat([context, context.new_zeros(b, self.config.text_len - n, d)], dim=1)
         return self.text_embedding(context)
 
-    def prepare_context(self, context: torch.Tensor) -> TextContext:
-        """Embed the text and precompute every layer's cross-attention K/V (inference, once per prompt)."""
+    def prepare_context(self, context: torch.Tensor, out: TextContext | None = None) -> TextContext:
+        """Embed the text and precompute every layer's cross-attention K/V (inference, once per prompt).
+
+        With ``out`` (a previous result of the same shape) the values are written into its buffers, so a
+        streaming session allocates its cross-attention cache once.
+        """
         embedded = self.embed_text(context)
-        return TextContext(embedded, [blk.cross_attn.context_kv(embedded) for blk in self.blocks])
+        fresh = TextContext(embedded, [blk.cross_attn.context_kv(embedded) for blk in self.blocks])
+        if out is None or out.embedded.shape != embedded.shape or out.embedded.dtype != embedded.dtype \
+                or out.embedded.device != embedded.device:
+            return fresh
+        out.embedded.copy_(embedded)
+        for (k, v), (new_k, new_v) in zip(out.layer_kv, fresh.layer_kv):
+            k.copy_(new_k)
+            v.copy_(new_v)
+        return out
 
     # ------------------------------------------------------------------------------------ forward
     def forward(
