@@ -5,6 +5,9 @@ import torch
 from reward_forcing.models.kv_cache import CausalSpec, KVCache
 
 
+IDENTITY = lambda keys, positions: keys  # noqa: E731 - a RoPE stand-in for bookkeeping tests
+
+
 def make_cache(spec=CausalSpec(), *, layers=1, frame_tokens=1, max_frames=None, batch=1):
     return KVCache(num_layers=layers, num_heads=1, head_dim=2, frame_tokens=frame_tokens, batch_size=batch,
                    spec=spec, max_frames=max_frames)
@@ -18,7 +21,7 @@ def write_chunk(cache, start, n, value_of=lambda frame: float(frame)):
     vals = torch.tensor([value_of(a) for a in range(start, start + n)]).repeat_interleave(ft)
     kv = vals.view(1, n * ft, 1, 1).expand(cache.batch_size, -1, 1, 2).clone()
     for layer in range(cache.k.shape[0]):
-        cache.layer(layer, step).attend(kv, -kv)
+        cache.layer(layer, step).attend(kv, -kv, IDENTITY)
     return step
 
 
@@ -143,9 +146,10 @@ def test_grad_path_snapshots_past_and_commits_after():
     new = torch.full((1, 3, 1, 2), 7.0, requires_grad=True)
     with torch.enable_grad():
         layer = cache.layer(0, step)
-        k, v, positions = layer.attend(new, new)
+        seen = []
+        k, v = layer.attend(new, new, lambda keys, positions: (seen.append(positions), keys)[1])
     assert k.shape[1] == 9 and k.requires_grad
-    assert positions == list(range(9))
+    assert seen == [list(range(9))]
     assert cache.k[0, 0, 6, 0, 0].item() == 0.0  # not written yet
     layer.commit()
     assert cache.k[0, 0, 6:9, 0, 0].tolist() == [7.0, 7.0, 7.0]
@@ -159,7 +163,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="batch 1"):
         step = cache.begin(3, 3)
         with torch.no_grad():
-            cache.layer(0, step).attend(torch.zeros(2, 3, 1, 2), torch.zeros(2, 3, 1, 2))
+            cache.layer(0, step).attend(torch.zeros(2, 3, 1, 2), torch.zeros(2, 3, 1, 2), IDENTITY)
     with pytest.raises(ValueError, match="local_attn_size=5 frames cannot hold"):
         CausalSpec(local_attn_size=5, sink_size=3, frames_per_block=3)
     with pytest.raises(ValueError, match="sink_policy"):

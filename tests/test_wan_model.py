@@ -310,3 +310,38 @@ def test_reference_init_predicts_zero_flow():
         flow = model(torch.randn(1, 16, 3, 4, 6), torch.tensor([500.0]), torch.randn(1, 5, 32))
     assert torch.equal(flow, torch.zeros_like(flow))
     assert model.blocks[0].self_attn.q.bias.abs().sum() == 0 and model.blocks[0].self_attn.q.weight.std() > 0
+
+
+def test_rotated_key_cache_is_bit_identical(golden_tiny_model, golden_trace):
+    """Keeping rotated keys per block (the default) gives exactly the outputs of re-rotating every call."""
+    tr, outs = golden_trace, {}
+    for rotated in (True, False):
+        cache = golden_tiny_model.new_kv_cache(1, 6, 10, rotated_keys=rotated)
+        assert (cache.k_rotated is not None) == rotated
+        with torch.no_grad():
+            outs[rotated] = [golden_tiny_model(bfchw(tr[f"call{c:03d}.input"]), tr[f"call{c:03d}.timestep"],
+                                               tr["context"], kv_cache=cache,
+                                               start_frame=int(tr[f"call{c:03d}.current_start"]) // 15)
+                             for c in range(35)]
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+
+
+def test_rotated_key_cache_after_a_grad_enabled_call(random_tiny):
+    """Rollout order: a chunk's first call carries grad (exit step 0), then a no-grad context pass. The
+    rotated-key buffer must be refreshed, not reused from the previous chunk's positions."""
+    # A 6-frame window slides from the third chunk on, so stale rotations would show (~1e-3 without the fix).
+    random_tiny.causal = CausalSpec(local_attn_size=6)
+    x, ctx = torch.randn(1, 16, 12, 4, 6), torch.randn(1, 5, 32)
+    outs = {}
+    for rotated in (True, False):
+        cache = random_tiny.new_kv_cache(1, 4, 6, rotated_keys=rotated)
+        results = []
+        for start in (0, 3, 6, 9):
+            chunk = x[:, :, start:start + 3]
+            with torch.enable_grad():
+                results.append(random_tiny(chunk, torch.full((1, 3), 1000.0), ctx, kv_cache=cache,
+                                           start_frame=start).detach())
+            with torch.no_grad():
+                results.append(random_tiny(chunk, torch.zeros(1, 3), ctx, kv_cache=cache, start_frame=start))
+        outs[rotated] = results
+    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(outs[True], outs[False]))

@@ -34,6 +34,14 @@ The EMA fires on the **first** call of a new chunk, before any layer attends, so
 updated sink (reference behaviour). Repeated calls on the same chunk (denoising steps, the context pass)
 overwrite the chunk's own slots and change nothing else.
 
+Rotated keys (inference speed)
+------------------------------
+RoPE positions of the window only change when a new chunk starts, so with ``rotated_keys`` (the default) the
+cache also keeps each layer's keys *after* RoPE: the first call of a chunk rotates the whole window once, the
+repeated calls (later denoising steps, the context pass) rotate only the chunk's own keys. Every element goes
+through the same arithmetic as rotating the whole window per call (outputs are bit-identical, tested), at the
+cost of one more key buffer. ``rotated_keys=False`` rotates the whole window on every call.
+
 Gradients
 ---------
 With grad enabled (training rollouts, gradient checkpointing), a layer reads a *snapshot* of its past keys
@@ -43,7 +51,7 @@ fragility here).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -134,6 +142,7 @@ class KVCache:
         max_frames: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        rotated_keys: bool = True,
     ):
         self.spec = spec
         self.frame_tokens = int(frame_tokens)
@@ -150,18 +159,20 @@ class KVCache:
         shape = (num_layers, batch_size, self.capacity * self.frame_tokens, num_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_rotated = torch.zeros(shape, device=device, dtype=dtype) if rotated_keys else None
+        self._rotated_current = [False] * num_layers  # k_rotated matches k at this chunk's positions
         self.reset()
 
     @classmethod
     def for_model(cls, model, *, batch_size: int, frame_tokens: int, spec: CausalSpec | None = None,
-                  max_frames: int | None = None, device=None, dtype=None) -> "KVCache":
+                  max_frames: int | None = None, device=None, dtype=None, rotated_keys: bool = True) -> "KVCache":
         """A cache shaped for ``model`` (a ``WanModel``); spec defaults to ``model.causal``."""
         ref = model.patch_embedding.weight
         return cls(num_layers=model.config.num_layers, num_heads=model.config.num_heads,
                    head_dim=model.config.head_dim, frame_tokens=frame_tokens, batch_size=batch_size,
                    spec=spec or model.causal, max_frames=max_frames,
                    device=device if device is not None else ref.device,
-                   dtype=dtype if dtype is not None else ref.dtype)
+                   dtype=dtype if dtype is not None else ref.dtype, rotated_keys=rotated_keys)
 
     @property
     def batch_size(self) -> int:
@@ -251,15 +262,16 @@ class KVCache:
     def _write(self, index: int, step: CacheStep, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.shape[0] != self.batch_size:
             raise ValueError(f"KV cache was allocated for batch {self.batch_size}, got a batch of {k.shape[0]}")
+        self._write_chunk(self.k[index], step, k)
+        self._write_chunk(self.v[index], step, v)
+
+    def _write_chunk(self, buffer: torch.Tensor, step: CacheStep, values: torch.Tensor) -> None:
+        """Write a chunk's tokens into its slots of one layer's buffer ``[B, tokens, heads, head_dim]``."""
         first, n = step.chunk_slots[0], len(step.chunk_slots)
         if step.chunk_slots == list(range(first, first + n)):
-            tokens = slice(first * self.frame_tokens, (first + n) * self.frame_tokens)
-            self.k[index][:, tokens] = k
-            self.v[index][:, tokens] = v
+            buffer[:, first * self.frame_tokens:(first + n) * self.frame_tokens] = values
         else:  # the chunk wraps around the ring
-            tok = self._token_index(step.chunk_slots)
-            self.k[index].index_copy_(1, tok, k)
-            self.v[index].index_copy_(1, tok, v)
+            buffer.index_copy_(1, self._token_index(step.chunk_slots), values)
 
     def sink_kv(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sink keys/values of one layer, ``[B, S * tokens, heads, head_dim]`` (pre-RoPE keys)."""
@@ -274,9 +286,9 @@ class KVCache:
 class LayerKV:
     """One layer's access to the cache during one call.
 
-    ``attend(k_new, v_new)`` returns the keys/values to attend to (pre-RoPE) and each key frame's position.
-    Without grad the new entries are written in place and the valid buffer prefix is returned as a view;
-    with grad the keys are ``[snapshot of past, new]`` and the write waits for ``commit``.
+    ``attend(k_new, v_new, rotate)`` returns the keys (RoPE applied by ``rotate(keys, frame_positions)``) and
+    values to attend to. Without grad the new entries are written in place and the valid buffer prefix is
+    used; with grad the keys are ``[snapshot of past, new]`` and the write waits for ``commit``.
     """
 
     def __init__(self, cache: KVCache, index: int, step: CacheStep, past_k=None, past_v=None, past_frames=None):
@@ -284,19 +296,31 @@ class LayerKV:
         self.past_k, self.past_v, self.past_frames = past_k, past_v, past_frames
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def attend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        step, cache = self.step, self.cache
+    def attend(self, k: torch.Tensor, v: torch.Tensor, rotate: Callable[[torch.Tensor, list[int]], torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        step, cache, i = self.step, self.cache, self.index
         pos = step.positions
         if self.past_k is None:
-            cache._write(self.index, step, k, v)
+            cache._write(i, step, k, v)
             n = step.valid_slots * cache.frame_tokens
-            return cache.k[self.index][:, :n], cache.v[self.index][:, :n], [pos[a] for a in step.slot_frame]
+            slot_positions = [pos[a] for a in step.slot_frame]
+            if cache.k_rotated is None:
+                return rotate(cache.k[i][:, :n], slot_positions), cache.v[i][:, :n]
+            if step.new_chunk or not cache._rotated_current[i]:
+                # positions moved, the sink was folded, or a grad-enabled call wrote k only: rotate the window
+                cache.k_rotated[i][:, :n] = rotate(cache.k[i][:, :n], slot_positions)
+                cache._rotated_current[i] = True
+            else:  # same positions as the chunk's first call: only the chunk's own keys changed
+                cache._write_chunk(cache.k_rotated[i], step, rotate(k, step.query_positions))
+            return cache.k_rotated[i][:, :n], cache.v[i][:, :n]
         self.pending = (k.detach(), v.detach())
         frames = self.past_frames + list(range(step.start_frame, step.start_frame + step.num_frames))
-        return torch.cat([self.past_k, k], 1), torch.cat([self.past_v, v], 1), [pos[a] for a in frames]
+        return rotate(torch.cat([self.past_k, k], 1), [pos[a] for a in frames]), torch.cat([self.past_v, v], 1)
 
     def commit(self) -> None:
         """Write the entries of a grad-enabled call (no-op for in-place calls)."""
         if self.pending is not None:
             self.cache._write(self.index, self.step, *self.pending)
+            if self.cache.k_rotated is not None:
+                self.cache._rotated_current[self.index] = False  # refreshed by the next in-place call
             self.pending = None

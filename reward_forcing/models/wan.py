@@ -205,9 +205,8 @@ class SelfAttention(_Attention):
         v = self.v(x).view(heads)
         mask = None
         if layer_kv is not None:  # streaming: attend to sink + window from the cache
-            k, v, key_positions = layer_kv.attend(k, v)
+            k, v = layer_kv.attend(k, v, lambda keys, positions: apply_rope(keys, layout.freqs(positions)))
             q = apply_rope(q, layout.freqs(layout.step.query_positions))
-            k = apply_rope(k, layout.freqs(key_positions))
         else:
             q = apply_rope(q, layout.q_freqs)
             keys, values = [apply_rope(k, layout.k_freqs)], [v]
@@ -346,10 +345,12 @@ class WanModel(nn.Module):
         return (height // ph) * (width // pw)
 
     def new_kv_cache(self, batch_size: int, height: int, width: int, *, max_frames: int | None = None,
-                     spec: CausalSpec | None = None, device=None, dtype=None) -> KVCache:
-        """A streaming cache for latents of ``height x width`` (latent pixels)."""
+                     spec: CausalSpec | None = None, device=None, dtype=None, rotated_keys: bool = True) -> KVCache:
+        """A streaming cache for latents of ``height x width`` (latent pixels); see ``KVCache`` for
+        ``rotated_keys``."""
         return KVCache.for_model(self, batch_size=batch_size, frame_tokens=self.tokens_per_frame(height, width),
-                                 spec=spec, max_frames=max_frames, device=device, dtype=dtype)
+                                 spec=spec, max_frames=max_frames, device=device, dtype=dtype,
+                                 rotated_keys=rotated_keys)
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
         """``[B, L <= text_len, text_dim]`` -> zero-pad to ``text_len`` rows -> text MLP -> ``[B, text_len, dim]``."""
