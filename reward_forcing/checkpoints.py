@@ -14,16 +14,15 @@ Users arrive with files written by several programs, and every one of them must 
 * ``ode_init.pt`` (Self-Forcing): ``{"generator": ...}`` or ``{"model": ...}``.
 
 ``read_state_dict`` reads any of these files as they are, ``select_generator_weights`` picks the right
-sub-dict and normalises the key names, ``load_weights`` loads with short, actionable error messages,
-and ``atomic_save`` / ``export_reference_checkpoint`` write files that the reference ``inference.py``
-can also read, without ever leaving a half-written file behind.
+sub-dict and normalises the key names, ``load_weights`` loads with short, actionable error messages, and
+``export_reference_checkpoint`` writes files that the reference ``inference.py`` can also read. Reading,
+strict loading, key normalisation and atomic writing themselves live in ``file_io.py``; this module adds
+the DiT's formats and folder layout on top.
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,12 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from .file_io import Mismatch, atomic_save, load_safetensors_file, load_torch_file, normalize_key
+from .file_io import load_weights as _load_weights_strict
+
 __all__ = [
-    "WAN_1_3B_DIR", "WAN_14B_DIR", "VIDEO_REWARD_DIR", "VIDEO_REWARD_ALIASES", "ODE_INIT",
+    "WAN_1_3B_DIR", "WAN_14B_DIR", "VIDEO_REWARD_DIR", "VIDEO_REWARD_ALIASES", "VIDEOALIGN_COMMIT",
+    "VIDEO_REWARD_TEMPLATE", "VIDEO_REWARD_TEMPLATE_URL", "ODE_INIT",
     "RELEASED_GENERATOR", "WAN_VAE", "WAN_T5", "WAN_TOKENIZER", "DIT_CONFIG", "DIT_SAFETENSORS",
     "DIT_SAFETENSORS_INDEX", "DIT_NUM_KEYS", "ASSETS", "Asset",
-    "read_state_dict", "select_generator_weights", "load_generator_state_dict", "normalize_key",
-    "load_weights", "atomic_save", "export_reference_checkpoint",
+    "read_state_dict", "select_generator_weights", "load_generator_state_dict",
+    "load_weights", "export_reference_checkpoint",
     "resolve_checkpoint_root", "require_file", "asset_path", "find_video_reward_dir",
 ]
 
@@ -49,9 +52,16 @@ __all__ = [
 WAN_1_3B_DIR = "Wan2.1-T2V-1.3B"
 WAN_14B_DIR = "Wan2.1-T2V-14B"
 # The reference code says ``VideoReward`` while its README / download script say ``Videoreward``
-# (reference quirk 11). We download to ``VideoReward`` and also accept the other spelling.
+# (docs/reference.md, quirk 11). We download to ``VideoReward`` and also accept the other spelling.
 VIDEO_REWARD_DIR = "VideoReward"
 VIDEO_REWARD_ALIASES = ("Videoreward",)
+# VideoAlign's prompt_template.py holds the prompt VideoReward was trained with; it is part of VideoAlign's source
+# (github.com/KwaiVGI/VideoAlign, MIT), not of the checkpoint. download_checkpoints.sh --train fetches it at this
+# commit into the VideoReward folder; keep the two in sync.
+VIDEOALIGN_COMMIT = "219ab9db64c045e5181a2202d11f686439351292"
+VIDEO_REWARD_TEMPLATE = "prompt_template.py"
+VIDEO_REWARD_TEMPLATE_URL = (f"https://raw.githubusercontent.com/KwaiVGI/VideoAlign/{VIDEOALIGN_COMMIT}/"
+                             f"{VIDEO_REWARD_TEMPLATE}")
 ODE_INIT = "ode_init.pt"
 RELEASED_GENERATOR = "Reward-Forcing-T2V-1.3B/rewardforcing.pt"
 # Files inside a Wan2.1-T2V-* folder.
@@ -62,7 +72,7 @@ DIT_CONFIG = "config.json"
 DIT_SAFETENSORS = "diffusion_pytorch_model.safetensors"
 DIT_SAFETENSORS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
-# Number of state-dict keys of each DiT size (spec/checkpoint_keys.tsv); used to name what a key
+# Number of state-dict keys of each DiT size (tests/golden/checkpoint_keys.tsv); used to name what a key
 # count looks like in error messages. Causal and bidirectional models have identical keys.
 DIT_NUM_KEYS = {"Wan2.1-T2V-1.3B": 825, "Wan2.1-T2V-14B": 1095}
 # Model width (patch_embedding.weight.shape[0]) of each size, to recognise a wrong-size checkpoint.
@@ -169,12 +179,6 @@ def asset_path(root: str | os.PathLike, name: str, *, must_exist: bool = True) -
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device="cpu")
-
-
 def _load_sharded_safetensors(index_path: Path) -> dict[str, torch.Tensor]:
     """Read an HF ``*.safetensors.index.json`` and every shard it names (from the same folder)."""
     try:
@@ -190,33 +194,12 @@ def _load_sharded_safetensors(index_path: Path) -> dict[str, torch.Tensor]:
         )
     out: dict[str, torch.Tensor] = {}
     for shard in shards:
-        out.update(_load_safetensors(index_path.parent / shard))
+        out.update(load_safetensors_file(index_path.parent / shard))
     absent = set(weight_map) - set(out)
     if absent:
         raise ValueError(f"{len(absent)} keys listed in '{index_path}' are in none of its shards, "
                          f"e.g. {sorted(absent)[:3]}")
     return out
-
-
-def _torch_load(path: Path) -> Any:
-    """torch.load with weights_only (no arbitrary code from pickles) and mmap when the format allows."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            # Files written with the legacy (non-zip) serialisation cannot be memory-mapped.
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise RuntimeError(
-                f"'{path}' contains Python objects other than tensors and plain containers, so it was "
-                f"not unpickled (torch.load weights_only=True protects against code in pickles). "
-                f"Re-save just the state dict, e.g. torch.save(ckpt['generator'], 'generator.pt')."
-            ) from e
-        raise RuntimeError(f"'{path}' is not a readable PyTorch checkpoint ({e}); is the download "
-                           f"complete? {_DOWNLOAD_HINT} again.") from e
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
@@ -227,6 +210,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
       ``diffusion_pytorch_model.safetensors`` (e.g. ``checkpoints/Wan2.1-T2V-1.3B``);
     * anything else (``.pt``, ``.pth``, ``.bin``): ``torch.load(weights_only=True)``, memory-mapped.
 
+    A truncated or corrupt file raises ``file_io.CorruptFileError``: one line naming the file.
+
     Returns a flat ``{name: Tensor}`` for weight files; for trainer / ODE-init files it returns the
     nested dict as saved -- pass the result to ``select_generator_weights``.
     """
@@ -235,7 +220,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         if (p / DIT_SAFETENSORS_INDEX).is_file():
             return _load_sharded_safetensors(p / DIT_SAFETENSORS_INDEX)
         if (p / DIT_SAFETENSORS).is_file():
-            return _load_safetensors(p / DIT_SAFETENSORS)
+            return load_safetensors_file(p / DIT_SAFETENSORS)
         raise FileNotFoundError(
             f"'{p}' is a folder without DiT weights: expected '{DIT_SAFETENSORS_INDEX}' or "
             f"'{DIT_SAFETENSORS}' inside it. Pass the folder of a Wan2.1-T2V-* download or a weight file; "
@@ -246,8 +231,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     if p.name.endswith(".index.json"):
         return _load_sharded_safetensors(p)
     if p.suffix == ".safetensors":
-        return _load_safetensors(p)
-    obj = _torch_load(p)
+        return load_safetensors_file(p)
+    obj = load_torch_file(p)
     if not isinstance(obj, Mapping):
         raise ValueError(f"'{p}' holds a {type(obj).__name__}, not a dict of weights.")
     return dict(obj)
@@ -256,23 +241,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Selecting and normalising
 # --------------------------------------------------------------------------------------------------
-# Name segments that wrappers insert into parameter names: FSDP1, activation checkpointing,
-# torch.compile, DataParallel/DDP.
-_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "module"})
 _WRAPPER_PREFIX = "model."  # WanDiffusionWrapper stores the DiT as ``self.model``
 _TRAINER_KEYS = ("generator", "generator_ema", "critic")
-
-
-def normalize_key(key: str) -> str:
-    """Drop wrapper name segments anywhere in ``key`` and one leading ``model.``.
-
-    ``model._fsdp_wrapped_module.blocks.0.ffn.0.weight`` -> ``blocks.0.ffn.0.weight``.
-    """
-    parts = [s for s in key.split(".") if s not in _WRAPPER_SEGMENTS]
-    key = ".".join(parts)
-    if key.startswith(_WRAPPER_PREFIX):
-        key = key[len(_WRAPPER_PREFIX):]
-    return key
 
 
 def _normalize_keys(sd: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
@@ -284,7 +254,7 @@ def _normalize_keys(sd: Mapping[str, Any], where: str) -> dict[str, torch.Tensor
                 f"{where}: entry '{key}' is a {type(value).__name__}, not a tensor; this is not a "
                 f"state dict of weights."
             )
-        new = normalize_key(key)
+        new = normalize_key(key, strip_prefix=_WRAPPER_PREFIX)
         if new in out:
             raise ValueError(f"{where}: keys '{origin[new]}' and '{key}' both map to '{new}' after removing "
                              f"wrapper prefixes; the checkpoint mixes two models.")
@@ -359,9 +329,6 @@ def load_generator_state_dict(path: str | os.PathLike, use_ema: bool = False) ->
 # --------------------------------------------------------------------------------------------------
 # Loading into a module
 # --------------------------------------------------------------------------------------------------
-_SHOW = 5  # how many names of each kind an error message lists
-
-
 def _describe_count(n: int) -> str:
     for name, count in DIT_NUM_KEYS.items():
         if n == count:
@@ -369,115 +336,45 @@ def _describe_count(n: int) -> str:
     return f"{n} keys"
 
 
-def _first(names, n: int = _SHOW) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:n])
-    return shown + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
-
-
-def _likely_cause(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
-                  missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+def _likely_cause(m: Mismatch) -> str:
+    """The DiT-specific "likely cause" line of a failed ``load_weights``."""
+    expected, given = m.expected, m.given
+    known = [f"{who} has {_describe_count(len(sd))}"
+             for who, sd in (("the module", expected), ("the checkpoint", given)) if len(sd) in DIT_NUM_KEYS.values()]
+    sizes = f" ({'; '.join(known)})" if known else ""
     if "patch_embedding.weight" in given and "patch_embedding.weight" in expected:
         have = _DIT_DIM.get(given["patch_embedding.weight"].shape[0])
         want = _DIT_DIM.get(expected["patch_embedding.weight"].shape[0])
-        if shapes and have != want:
+        if m.shapes and have != want:
             return (f"Likely cause: wrong model size -- the checkpoint looks like a {have or 'different'} "
-                    f"DiT but the module is a {want or 'different'} one. Check the model flavor/config.")
-    if unexpected and not (set(given) & set(expected)):
-        prefixes = {k.split(".", 1)[0] for k in unexpected}
-        stripped = {k.split(".", 1)[-1] for k in unexpected}
+                    f"DiT but the module is a {want or 'different'} one. Check the model flavor/config." + sizes)
+    if m.unexpected and not (set(given) & set(expected)):
+        prefixes = {k.split(".", 1)[0] for k in m.unexpected}
+        stripped = {k.split(".", 1)[-1] for k in m.unexpected}
         if len(prefixes) == 1 and stripped & set(expected):
             return (f"Likely cause: every key carries the prefix '{prefixes.pop()}.'; pass the dict through "
                     f"select_generator_weights() first.")
         return ("Likely cause: this is not a Wan DiT checkpoint (a VAE, T5 or reward-model file?), or a "
                 "trainer checkpoint that was not unpacked with select_generator_weights().")
-    if shapes:
-        return "Likely cause: wrong model size or a different architecture/config."
-    if missing and not unexpected:
-        return "Likely cause: a truncated or partial checkpoint (or a model with more layers)."
-    if unexpected and not missing:
-        return "Likely cause: a bigger model's checkpoint (more layers) or extra modules saved alongside."
-    return "Likely cause: wrong model size or not a DiT checkpoint of this architecture."
+    if m.shapes:
+        return "Likely cause: wrong model size or a different architecture/config." + sizes
+    if m.missing and not m.unexpected:
+        return "Likely cause: a truncated or partial checkpoint (or a model with more layers)." + sizes
+    if m.unexpected and not m.missing:
+        return "Likely cause: a bigger model's checkpoint (more layers) or extra modules saved alongside." + sizes
+    return "Likely cause: wrong model size or not a DiT checkpoint of this architecture." + sizes
 
 
 def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
                  what: str = "generator", source: str | os.PathLike | None = None):
-    """Load ``state_dict`` into ``module``; on mismatch raise one short, explanatory RuntimeError.
-
-    Shapes are compared before calling ``load_state_dict`` (which would otherwise print a line per
-    key, hundreds for a wrong-size checkpoint). Shape mismatches are errors even when
-    ``strict=False``. A module built on the meta device (``torch.device("meta")``) is filled with
-    ``assign=True``; floating tensors are cast to the dtype the module declares, matching what
-    ``load_state_dict`` does for a materialised module.
-
-    Returns the ``(missing_keys, unexpected_keys)`` named tuple of ``load_state_dict``.
-    """
-    expected = module.state_dict()
-    given = dict(state_dict)
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {tuple(given[k].shape)} vs module {tuple(expected[k].shape)}"
-        for k in expected
-        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
-    ]
-    on_meta = any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
-    meta_left = on_meta and bool(missing)
-
-    if shapes or (strict and (missing or unexpected)) or meta_left:
-        src = f" from '{source}'" if source is not None else ""
-        lines = [
-            f"cannot load {what} weights{src}: {len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(shapes)} with a wrong shape (the module expects {_describe_count(len(expected))}; "
-            f"the checkpoint has {_describe_count(len(given))})."
-        ]
-        if missing:
-            lines.append(f"  missing: {_first(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected: {_first(unexpected)}")
-        if shapes:
-            lines.append("  shape mismatches: " + "; ".join(shapes[:_SHOW])
-                         + (f"; ... (+{len(shapes) - _SHOW} more)" if len(shapes) > _SHOW else ""))
-        if meta_left:
-            lines.append("  the module is on the meta device, so missing weights would stay uninitialised.")
-        lines.append("  " + _likely_cause(expected, given, missing, unexpected, shapes))
-        raise RuntimeError("\n".join(lines))
-
-    if on_meta:
-        for k, t in expected.items():
-            if k in given and given[k].is_floating_point() and given[k].dtype != t.dtype:
-                given[k] = given[k].to(t.dtype)
-    return module.load_state_dict(given, strict=strict, assign=on_meta)
+    """``file_io.load_weights`` (strict, summarised, meta-device aware) with hints about Wan DiT sizes and
+    checkpoint formats in its error message."""
+    return _load_weights_strict(module, state_dict, strict=strict, what=what, source=source, explain=_likely_cause)
 
 
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file next to ``path``, then rename it into place.
-
-    A crash, a full disk or a killed job mid-save leaves the previous file (or nothing) at ``path``,
-    never a truncated checkpoint that a later resume would choke on. The rename is atomic because
-    the temporary file is in the same folder (same file system).
-    """
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def _to_reference_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in _normalize_keys(sd, "export").items():

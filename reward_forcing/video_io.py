@@ -4,7 +4,7 @@ The pipeline yields frames block by block; ``Mp4Writer`` appends them as they ar
 never has to sit in memory as one tensor, and a run that dies mid-video leaves no truncated mp4
 behind (frames go to a hidden temporary file that is renamed on success).
 
-Two reference behaviours are deliberately changed (spec 3.5, quirk 14): float -> uint8 *rounds*
+Two reference behaviours are deliberately changed (docs/differences.md): float -> uint8 *rounds*
 instead of truncating (truncation darkens every pixel by half a level on average and maps the
 exact uint8 -> [-1, 1] -> uint8 round trip off by one), and file names carry the prompt index and
 sample number, so long prompts sharing 50 characters, prompts with ``/`` and ``num_samples > 1``
@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 import tempfile
 import unicodedata
+from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .file_io import commit, temp_sibling
 
 __all__ = ["DEFAULT_FPS", "pixels_to_uint8", "Mp4Writer", "read_video", "video_filename", "slugify"]
 
@@ -81,6 +87,9 @@ class Mp4Writer:
 
     Frames go to a hidden temporary file in the destination folder, renamed to ``path`` by
     ``close()``; leaving the ``with`` block through an exception (or calling ``abort()``) deletes it.
+    If ffmpeg fails (a full disk, a missing encoder), ``write`` or ``close`` raise ``OSError`` with
+    ffmpeg's own message and ``path`` is left untouched: imageio's ffmpeg writer does not check
+    ffmpeg's exit status, so this class runs the ffmpeg binary of imageio-ffmpeg itself.
     Pixel format is yuv420p (plays everywhere) when height and width are even, else yuv444p, which
     keeps odd sizes exact instead of letting the encoder fail or rescale. ``crf`` is x264's quality
     (lower = better, 18 is visually lossless).
@@ -94,25 +103,27 @@ class Mp4Writer:
         self.crf = crf
         self.frames_written = 0
         self._size: tuple[int, int] | None = None
-        self._writer = None
+        self._ffmpeg: subprocess.Popen | None = None
+        self._log = None  # ffmpeg's stderr, read back when it fails
         self._tmp: Path | None = None
         self._closed = False
 
     def _open(self, height: int, width: int) -> None:
-        import imageio.v2 as imageio
+        with _interrupts_deferred():
+            self._start_ffmpeg(height, width)
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The temporary name ends in .mp4 so that ffmpeg picks the mp4 muxer.
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".tmp.mp4")
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); the video is an ordinary file
-        self._tmp = Path(tmp)
+    def _start_ffmpeg(self, height: int, width: int) -> None:
+        from imageio_ffmpeg import get_ffmpeg_exe
+
+        self._tmp = temp_sibling(self.path, suffix=".mp4")  # ffmpeg picks the muxer from the extension
         pixfmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
-        self._writer = imageio.get_writer(
-            str(self._tmp), format="FFMPEG", mode="I", fps=self.fps, codec=self.codec, quality=None,
-            pixelformat=pixfmt, macro_block_size=1, ffmpeg_log_level="error",
-            output_params=["-crf", str(self.crf)],
-        )
+        cmd = [get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
+               "-pix_fmt", "rgb24", "-r", str(Fraction(self.fps).limit_denominator()), "-i", "-", "-an",
+               "-vcodec", self.codec, "-pix_fmt", pixfmt, "-v", "error", "-crf", str(self.crf), str(self._tmp)]
+        self._log = tempfile.TemporaryFile()
+        # A session of its own: Ctrl-C in a terminal reaches only Python, which decides what happens to the file.
+        self._ffmpeg = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log,
+                                        start_new_session=True)
         self._size = (height, width)
 
     def write(self, frames) -> None:
@@ -121,14 +132,17 @@ class Mp4Writer:
             raise RuntimeError(f"Mp4Writer for '{self.path}' is already closed")
         frames = _as_uint8_frames(frames)
         h, w = frames.shape[1:3]
-        if self._writer is None:
-            self._open(h, w)
-        elif (h, w) != self._size:
-            raise ValueError(f"frame size changed from {self._size[0]}x{self._size[1]} to {h}x{w} "
-                             f"while writing '{self.path}'")
         try:
-            for frame in frames:
-                self._writer.append_data(frame)
+            if self._ffmpeg is None:
+                self._open(h, w)
+            elif (h, w) != self._size:
+                raise ValueError(f"frame size changed from {self._size[0]}x{self._size[1]} to {h}x{w} "
+                                 f"while writing '{self.path}'")
+            self._ffmpeg.stdin.write(memoryview(frames))
+        except BrokenPipeError:  # ffmpeg quit early; its exit status and message say why
+            self._ffmpeg.kill()
+            self._ffmpeg.wait()
+            self._fail("while writing")
         except BaseException:
             self.abort()
             raise
@@ -138,30 +152,53 @@ class Mp4Writer:
         """Finish the file and move it to ``path``. Writing no frame at all is an error."""
         if self._closed:
             return self.path
-        if self._writer is None:
+        if self._ffmpeg is None:
             self._closed = True
             raise ValueError(f"no frames were written to '{self.path}'; nothing saved")
         try:
-            self._writer.close()
-            self._writer = None
-            os.replace(self._tmp, self.path)
+            try:
+                self._ffmpeg.stdin.close()
+                broken = False
+            except BrokenPipeError:  # ffmpeg quit before taking every frame; its exit status and message say why
+                broken = True
+            if self._ffmpeg.wait() != 0 or broken:
+                self._fail("while finishing")
+            commit(self._tmp, self.path)
         except BaseException:
             self.abort()
             raise
         self._closed = True
+        self._release()
         return self.path
+
+    def _fail(self, when: str):
+        """Raise OSError with ffmpeg's own reason (e.g. "No space left on device"); the caller aborts."""
+        self._log.seek(0)
+        lines = [line.strip() for line in self._log.read().decode(errors="replace").splitlines() if line.strip()]
+        # "[out#0/mp4 @ 0x55d...] Error ...: No space left on device" -> "Error ...: No space left on device"
+        reason = re.sub(r"^\[[^]]*\]\s*", "", lines[0]) if lines else "no message"
+        self.abort()
+        raise OSError(f"could not write '{self.path}': ffmpeg failed {when} the video (exit status "
+                      f"{self._ffmpeg.returncode}): {reason}; nothing was saved under that name")
 
     def abort(self) -> None:
         """Stop writing and delete the temporary file; ``path`` is left untouched."""
         self._closed = True
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:  # noqa: BLE001 -- the encoder may already be dead; we discard it anyway
-                pass
-            self._writer = None
+        if self._ffmpeg is not None and self._ffmpeg.poll() is None:
+            self._ffmpeg.kill()
+            self._ffmpeg.wait()
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._ffmpeg is not None:
+            try:
+                self._ffmpeg.stdin.close()
+            except OSError:  # unflushed frames for a process that is gone
+                pass
+        if self._log is not None:
+            self._log.close()
 
     def __enter__(self) -> "Mp4Writer":
         return self
@@ -173,10 +210,20 @@ class Mp4Writer:
             self.close()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+@contextmanager
+def _interrupts_deferred():
+    """Hold SIGINT / SIGTERM while the temporary file is created and ffmpeg started. An interrupt in between would
+    leave a file (or an orphaned ffmpeg writing one) that ``abort`` does not know of yet; held, the signal is
+    delivered right after, when ``abort`` can clean up. ffmpeg inherits the mask, which does not matter: it is
+    only ever stopped with SIGKILL or by the end of its input."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to hold
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:

@@ -12,12 +12,12 @@ line count are skipped unless ``--force``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from reward_forcing.file_io import atomic_write
 
 # Raw-file bases of the two repositories (default branch).
 SOURCES = (
@@ -68,15 +68,8 @@ def fetch_one(relpath: str, expected_lines: int, dest: Path, force: bool = False
         if n != expected_lines:
             errors.append(f"{url}: got {n} lines, expected {expected_lines}")
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(target, "w", encoding="utf-8") as f:
+            f.write(text)
         return f"{relpath}: {n} lines from {url}"
     raise RuntimeError(f"could not download {relpath}:\n  " + "\n  ".join(errors))
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from reward_forcing import checkpoints as ck
+from reward_forcing.file_io import CorruptFileError
 
 
 class TinyBlock(nn.Module):
@@ -97,14 +98,49 @@ def test_read_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="download_checkpoints.sh"):
         ck.read_state_dict(tmp_path)  # folder without weights
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(RuntimeError, match="garbage.pt"):
+    with pytest.raises(CorruptFileError, match="garbage.pt is not a valid PyTorch checkpoint"):
         ck.read_state_dict(tmp_path / "garbage.pt")
 
 
 def test_read_refuses_arbitrary_pickles(tmp_path):
     torch.save({"generator": dit_sd(), "config": _Custom()}, tmp_path / "pickled.pt")
-    with pytest.raises(RuntimeError, match="weights_only"):
+    with pytest.raises(CorruptFileError, match=r"pickled.pt contains Python objects other than tensors \(.*_Custom"):
         ck.read_state_dict(tmp_path / "pickled.pt")
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_files_give_one_line_naming_the_file(tmp_path):
+    """Every format read_state_dict accepts: a half-downloaded file is named, with what is wrong and the fix."""
+    from safetensors.torch import save_file
+
+    sd = dit_sd()
+    torch.save(sd, tmp_path / "rewardforcing.pt")
+    save_file(sd, str(tmp_path / "gen.safetensors"))
+    folder = tmp_path / "Wan2.1-T2V-1.3B"
+    folder.mkdir()
+    save_file(sd, str(folder / ck.DIT_SAFETENSORS))
+    shard = "diffusion_pytorch_model-00001-of-00001.safetensors"
+    save_file(sd, str(tmp_path / shard))
+    (tmp_path / ck.DIT_SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": {k: shard for k in sd}}))
+    cases = {tmp_path / "rewardforcing.pt": "not a valid PyTorch checkpoint",
+             tmp_path / "gen.safetensors": "not a valid safetensors file",
+             folder: "not a valid safetensors file",
+             tmp_path / ck.DIT_SAFETENSORS_INDEX: "not a valid safetensors file"}
+    broken = {tmp_path / "rewardforcing.pt": tmp_path / "rewardforcing.pt",
+              tmp_path / "gen.safetensors": tmp_path / "gen.safetensors",
+              folder: folder / ck.DIT_SAFETENSORS,
+              tmp_path / ck.DIT_SAFETENSORS_INDEX: tmp_path / shard}
+    for source, what in cases.items():
+        _truncate(broken[source])
+        with pytest.raises(CorruptFileError) as err:
+            ck.read_state_dict(source)
+        msg = str(err.value)
+        assert msg.startswith(f"{broken[source]} is {what}") and "truncated or corrupt" in msg, msg
+        assert "re-download it" in msg and "\n" not in msg
 
 
 class _Custom:
@@ -132,11 +168,12 @@ def test_use_ema_on_flat_file_warns_and_continues():
 
 
 def test_fsdp_compile_and_checkpoint_wrapper_segments_are_removed():
-    assert ck.normalize_key("model._fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.ffn.0.weight") \
-        == "blocks.0.ffn.0.weight"
-    assert ck.normalize_key("_orig_mod.model.head.head.weight") == "head.head.weight"
-    assert ck.normalize_key("module.model.patch_embedding.bias") == "patch_embedding.bias"
-    assert ck.normalize_key("blocks.0.self_attn.q.weight") == "blocks.0.self_attn.q.weight"
+    t = torch.zeros(1)
+    wrapped = {"model._fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.ffn.0.weight": t,
+               "_orig_mod.model.head.head.weight": t, "module.model.patch_embedding.bias": t,
+               "blocks.0.self_attn.q.weight": t}
+    assert sorted(ck.select_generator_weights(wrapped)) == [
+        "blocks.0.ffn.0.weight", "blocks.0.self_attn.q.weight", "head.head.weight", "patch_embedding.bias"]
 
 
 def test_trainer_checkpoint_selection():
@@ -239,36 +276,6 @@ def test_load_weights_meta_module_assigns_and_keeps_dtype():
 
 
 # -------------------------------------------------------------------------------------------- write
-def test_atomic_save_failure_leaves_nothing(tmp_path, monkeypatch):
-    target = tmp_path / "sub" / "model.pt"
-
-    def broken_save(obj, f, *a, **k):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        ck.atomic_save({"a": torch.zeros(2)}, target)
-    assert not target.exists()
-    assert list(target.parent.iterdir()) == []
-
-
-def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
-    target = tmp_path / "model.pt"
-    ck.atomic_save({"a": torch.ones(2)}, target)
-
-    def broken_save(obj, f, *a, **k):
-        f.write(b"junk")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(KeyboardInterrupt):
-        ck.atomic_save({"a": torch.zeros(2)}, target)
-    monkeypatch.undo()
-    assert torch.equal(torch.load(target)["a"], torch.ones(2))
-    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
-
-
 def test_export_read_select_roundtrip(tmp_path):
     gen, critic, ema = dit_sd(), dit_sd(), dit_sd()
     # Inputs may carry wrapper names already; the file gets exactly one ``model.`` prefix.
@@ -367,6 +374,17 @@ esac
 """
 
 
+# Stands in for curl: logs its arguments and writes the -o file as a copy of $FAKE_CURL_SOURCE.
+FAKE_CURL = r"""#!/usr/bin/env bash
+set -euo pipefail
+echo "curl $*" >> "$FAKE_CURL_LOG"
+out=""
+while [[ $# -gt 0 ]]; do case "$1" in -o) out="$2"; shift 2 ;; *) shift ;; esac; done
+cp "$FAKE_CURL_SOURCE" "$out"
+"""
+VIDEOALIGN_TEMPLATE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "videoalign_prompt_template.py"
+
+
 def _no_system_hf():
     return shutil.which("hf", path=SYSTEM_PATH) is None and shutil.which("huggingface-cli", path=SYSTEM_PATH) is None
 
@@ -374,14 +392,18 @@ def _no_system_hf():
 needs_clean_path = pytest.mark.skipif(not _no_system_hf(), reason="an hf CLI is installed in /usr/bin or /bin")
 
 
-def _run_script(tmp_path, *args, cli="hf"):
+def _run_script(tmp_path, *args, cli="hf", curl_source=VIDEOALIGN_TEMPLATE_FIXTURE):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     if cli:
         fake = bin_dir / cli
         fake.write_text(FAKE_HF)
         fake.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{SYSTEM_PATH}", "FAKE_HF_LOG": str(tmp_path / "calls.log"), "HOME": str(tmp_path)}
+    fake_curl = bin_dir / "curl"  # shadows any real curl: tests never touch the network
+    fake_curl.write_text(FAKE_CURL)
+    fake_curl.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{SYSTEM_PATH}", "FAKE_HF_LOG": str(tmp_path / "calls.log"), "HOME": str(tmp_path),
+           "FAKE_CURL_LOG": str(tmp_path / "curl.log"), "FAKE_CURL_SOURCE": str(curl_source)}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60)
 
@@ -433,7 +455,7 @@ def test_download_script_inference_then_train_idempotent(tmp_path):
 
     (tmp_path / "calls.log").unlink()
     r = _run_script(tmp_path, "--train")
-    assert r.returncode == 0 and _calls(tmp_path) == [] and r.stdout.count("already present") == 6
+    assert r.returncode == 0 and _calls(tmp_path) == [] and r.stdout.count("already present") == 7
 
 
 @needs_clean_path
@@ -471,3 +493,46 @@ def test_download_script_reports_failed_download(tmp_path):
     r = _run_script(tmp_path, cli=None)
     assert r.returncode == 1
     assert "downloading Wan-AI/Wan2.1-T2V-1.3B failed" in r.stderr and "Re-run" in r.stderr
+
+
+def _curl_calls(tmp_path):
+    log = tmp_path / "curl.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@needs_clean_path
+def test_download_script_fetches_videoalign_template_pinned_and_once(tmp_path):
+    from reward_forcing.models.video_reward import read_prompt_template
+
+    assert ck.VIDEO_REWARD_TEMPLATE_URL in SCRIPT.read_text()  # the script and the loader name the same commit
+    r = _run_script(tmp_path, "--train")
+    assert r.returncode == 0, r.stderr
+    dest = tmp_path / "checkpoints" / ck.VIDEO_REWARD_DIR / ck.VIDEO_REWARD_TEMPLATE
+    assert _curl_calls(tmp_path) == [f"curl -fsSL --retry 3 -o checkpoints/{ck.VIDEO_REWARD_DIR}/"
+                                     f".download-{ck.VIDEO_REWARD_TEMPLATE} {ck.VIDEO_REWARD_TEMPLATE_URL}"]
+    assert dest.read_bytes() == VIDEOALIGN_TEMPLATE_FIXTURE.read_bytes()
+    assert read_prompt_template(dest, "detailed_special")
+    assert sorted(p.name for p in dest.parent.iterdir()) == [".cache", "checkpoint-11352", "model_config.json",
+                                                            ck.VIDEO_REWARD_TEMPLATE]
+    (tmp_path / "curl.log").unlink()
+    r = _run_script(tmp_path, "--train")
+    assert r.returncode == 0 and _curl_calls(tmp_path) == [] and f"already present at {dest.relative_to(tmp_path)}" in r.stdout
+
+    # Next to the reference README's spelling when that is the folder in use.
+    root = tmp_path / "alias"
+    (root / "Videoreward" / "checkpoint-11352").mkdir(parents=True)
+    (root / "Videoreward" / "model_config.json").touch()
+    r = _run_script(tmp_path, "--train", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert (root / "Videoreward" / ck.VIDEO_REWARD_TEMPLATE).is_file() and not (root / ck.VIDEO_REWARD_DIR).exists()
+
+
+@needs_clean_path
+def test_download_script_rejects_a_wrong_template_download(tmp_path):
+    page = tmp_path / "error.html"
+    page.write_text("<html>rate limited</html>\n")
+    r = _run_script(tmp_path, "--train", curl_source=page)
+    assert r.returncode == 1 and ck.VIDEO_REWARD_TEMPLATE_URL in r.stderr
+    folder = tmp_path / "checkpoints" / ck.VIDEO_REWARD_DIR
+    assert not (folder / ck.VIDEO_REWARD_TEMPLATE).exists()
+    assert not list(folder.glob(".download-*"))  # nothing half-written left behind

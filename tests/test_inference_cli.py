@@ -1,11 +1,17 @@
 """inference.py end to end on the tiny config, checkpoint formats, torchrun splitting, and every bad input."""
 import importlib.util
+import logging
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from reward_forcing import checkpoints as ckpt
+from reward_forcing import file_io, video_io
 from reward_forcing.build import build_generator
 from reward_forcing.config import load_config
 from reward_forcing.models.wan import WanModel, init_random_
@@ -96,6 +102,101 @@ def test_checkpoint_formats_and_use_ema(cli, prompts, tmp_path):
 def error_of(cli, capsys, *args):
     assert run(cli, *args) == 2
     return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, named", [
+    (["--num_output_frames", "0"], "got 0"),
+    (["--num_output_frames", "-3"], "got -3"),
+    (["--num_output_frames", "21.5"], "'21.5' is not a whole number"),
+    (["--num_samples", "0"], "--num_samples: must be >= 1"),
+    (["--seed", "-1"], "--seed: must be in [0, 9223372036854775808)"),
+    (["--dtype", "fp8"], "invalid choice: 'fp8'"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    (["video.num_output_frames=0"], "video.num_output_frames: 0 latent frames is not a positive multiple"),
+    (["video.height=0"], "must be positive multiples of 16"),
+    (["video.fps=0"], "video.fps: must be >= 1"),
+])
+def test_bad_values_end_in_one_line_before_anything_is_created(cli, capsys, prompts, tmp_path, bad, named):
+    out = tmp_path / "v"
+    err = error_of(cli, capsys, "--config_path", TINY, "--data_path", prompts, "--output_folder", out, *bad)
+    assert err.startswith("error: ") and err.count("\n") == 1 and named in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["gen.safetensors", "gen.pt"])
+def test_truncated_checkpoint_is_named_in_one_line(cli, capsys, prompts, tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(_tiny_state(1), str(path))
+    else:
+        torch.save(_tiny_state(1), path)
+    path.write_bytes(path.read_bytes()[:-100])
+    out = tmp_path / "v"
+    err = error_of(cli, capsys, "--config_path", TINY, "--checkpoint_path", path, "--data_path", prompts,
+                   "--output_folder", out)
+    assert err.startswith(f"error: {path} is not a valid ") and "truncated or corrupt" in err
+    assert err.count("\n") == 1 and "re-download" in err
+    assert not out.exists()
+
+
+def test_full_disk_fails_the_run_and_leaves_no_video(cli, capsys, caplog, tmp_path, monkeypatch):
+    def temp_on_full_disk(path, **kwargs):  # ffmpeg writes to /dev/full: every write fails with ENOSPC
+        tmp = file_io.temp_sibling(path, **kwargs)
+        tmp.unlink()
+        tmp.symlink_to("/dev/full")
+        return tmp
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux) to simulate a full disk")
+    monkeypatch.setattr(video_io, "temp_sibling", temp_on_full_disk)
+    caplog.set_level(logging.INFO, logger="inference")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    out = tmp_path / "v"
+    assert run(cli, "--config_path", TINY, "--data_path", tmp_path / "p.txt", "--output_folder", out,
+               "--num_output_frames", 3) == 1
+    err = capsys.readouterr().err
+    assert "0000-a-cat-s0.mp4" in err and "No space left on device" in err and err.count("\n") == 1
+    assert "wrote" not in caplog.text and "done" not in caplog.text
+    assert list(out.iterdir()) == []
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_or_reported(cli, caplog, tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    out = tmp_path / "v"
+    ours = file_io.temp_sibling(out / "0000-a-cat-s0.mp4", suffix=".mp4")  # what SIGKILL mid-video leaves
+    theirs = file_io.temp_sibling(out / "0007-other-run-s0.mp4", suffix=".mp4")
+    caplog.set_level(logging.INFO, logger="inference")
+    assert run(cli, "--config_path", TINY, "--data_path", tmp_path / "p.txt", "--output_folder", out,
+               "--num_output_frames", 3) == 0
+    assert not ours.exists() and f"removed {ours}" in caplog.text
+    assert theirs.exists() and "1 unfinished file(s)" in caplog.text and theirs.name in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == [theirs.name, "0000-a-cat-s0.mp4"]
+
+
+def test_sigterm_mid_video_leaves_no_temporary_file(tmp_path):
+    # A real process: before the handler existed SIGTERM killed the interpreter outright, which in process would
+    # take pytest down with it; and only a separate process shows the exit status a scheduler sees.
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    out = tmp_path / "v"
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "inference.py"), "--config_path", TINY, "--data_path",
+                             str(tmp_path / "p.txt"), "--output_folder", str(out), "--num_output_frames", "60"],
+                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not file_io.leftover_temps(out):  # the first video is being written
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no video was started in 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated (SIGTERM)" in err
+    assert list(out.iterdir()) == []  # neither a temporary file nor a half video under the final name
 
 
 def test_missing_checkpoint_root(cli, capsys, prompts, tmp_path):

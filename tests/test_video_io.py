@@ -1,8 +1,11 @@
 """Frame conversion, streaming mp4 writing and output names (reward_forcing.video_io)."""
+import os
+
 import numpy as np
 import pytest
 import torch
 
+from reward_forcing import file_io, video_io
 from reward_forcing.video_io import Mp4Writer, pixels_to_uint8, read_video, slugify, video_filename
 
 
@@ -111,6 +114,52 @@ def test_existing_file_is_replaced_only_on_success(tmp_path):
     with Mp4Writer(path) as w:
         w.write(_gradient_frames(2, 16, 16))
     assert read_video(path)[0].shape[0] == 2
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Make every Mp4Writer write to /dev/full, where each write fails with ENOSPC as on a full disk."""
+    if not os.path.exists("/dev/full"):  # Linux provides it (CI too); other systems have no such device
+        pytest.skip("needs /dev/full (Linux) to simulate a full disk")
+
+    def temp_on_full_disk(path, **kwargs):
+        tmp = file_io.temp_sibling(path, **kwargs)
+        tmp.unlink()
+        tmp.symlink_to("/dev/full")
+        return tmp
+
+    monkeypatch.setattr(video_io, "temp_sibling", temp_on_full_disk)
+
+
+def test_full_disk_at_close_is_an_error_and_leaves_nothing(tmp_path, full_disk):
+    # A short video fits in ffmpeg's buffers, so ffmpeg only meets the full disk when it finishes the file.
+    path = tmp_path / "v.mp4"
+    with pytest.raises(OSError, match=r"could not write '.*v\.mp4'.*No space left on device.*nothing was saved"):
+        with Mp4Writer(path) as w:
+            w.write(_gradient_frames(9, 48, 80))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_while_streaming_is_an_error_and_leaves_nothing(tmp_path, full_disk):
+    # A long video: ffmpeg quits on the full disk mid-stream and the next write finds its pipe closed.
+    path = tmp_path / "v.mp4"
+    frames = pixels_to_uint8(_gradient_frames(16, 64, 96))
+    with pytest.raises(OSError, match="No space left on device"):
+        with Mp4Writer(path) as w:
+            for _ in range(200):
+                w.write(frames)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporary_file_is_a_hidden_sibling_that_leftover_temps_finds(tmp_path):
+    path = tmp_path / "0001-x-s0.mp4"
+    w = Mp4Writer(path)
+    w.write(_gradient_frames(2, 16, 16))
+    (tmp,) = tmp_path.iterdir()
+    assert tmp.name.startswith(".0001-x-s0.mp4.tmp-") and tmp.suffix == ".mp4"
+    assert file_io.leftover_temps(tmp_path) == {tmp: path.name}  # what a killed run would leave
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------- names
