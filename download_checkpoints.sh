@@ -16,6 +16,8 @@ Inference assets (default):
 --train also fetches the training assets:
   Wan-AI/Wan2.1-T2V-14B               -> ROOT/Wan2.1-T2V-14B          (teacher, ~70 GB)
   KlingTeam/VideoReward               -> ROOT/VideoReward             (reward model)
+  KwaiVGI/VideoAlign prompt_template.py -> ROOT/VideoReward/prompt_template.py
+                                      (VideoReward's training prompt; GitHub, pinned commit; curl or wget)
   gdhe17/Self-Forcing checkpoints/ode_init.pt -> ROOT/ode_init.pt     (student initialisation)
   gdhe17/Self-Forcing vidprom_filtered_extended.txt -> PROMPTS/vidprom_filtered_extended.txt
 
@@ -55,6 +57,11 @@ RELEASED_DIR="Reward-Forcing-T2V-1.3B"
 RELEASED_FILE="rewardforcing.pt"
 ODE_INIT="ode_init.pt"
 VIDPROM="vidprom_filtered_extended.txt"
+# The prompt VideoReward was trained with is a file of VideoAlign's source, not of the checkpoint; fetched at
+# a pinned commit (reward_forcing/checkpoints.py: VIDEO_REWARD_TEMPLATE_URL).
+VIDEOALIGN_TEMPLATE="prompt_template.py"
+VIDEOALIGN_TEMPLATE_URL="https://raw.githubusercontent.com/KwaiVGI/VideoAlign/219ab9db64c045e5181a2202d11f686439351292/prompt_template.py"
+VIDEOALIGN_TEMPLATE_MARKER="DETAILED_PROMPT_WITH_SPECIAL_TOKEN"  # the constant the loader reads
 
 HF_CMD=()
 find_cli() {
@@ -129,6 +136,36 @@ fetch_file() {  # fetch_file LABEL REPO_ID FILE_IN_REPO DEST_FILE
   rm -rf "$staging"
 }
 
+# A plain file from a URL (not the Hub). Written under a hidden staging name and moved into place only when
+# complete and recognised, so an interrupted or failed download never leaves a file under the final name.
+fetch_url() {  # fetch_url LABEL URL DEST_FILE MUST_CONTAIN
+  local label="$1" url="$2" dest="$3" marker="$4"
+  if [[ -f "$dest" ]]; then
+    echo "$label: already present at $dest"
+    return 0
+  fi
+  echo "$label: downloading $url -> $dest"
+  mkdir -p "$(dirname "$dest")"
+  local staging cmd
+  staging="$(dirname "$dest")/.download-$(basename "$dest")"
+  if command -v curl >/dev/null 2>&1; then
+    cmd=(curl -fsSL --retry 3 -o "$staging" "$url")
+  elif command -v wget >/dev/null 2>&1; then
+    cmd=(wget -q -O "$staging" "$url")
+  else
+    echo "error: neither curl nor wget is on PATH; download $url to $dest by hand." >&2
+    exit 1
+  fi
+  echo "+ ${cmd[*]}"
+  if ! "${cmd[@]}" || ! grep -q "$marker" "$staging"; then
+    rm -f "$staging"
+    echo "error: downloading $url failed or gave an unexpected file (network down?); re-run, or download it" \
+         "to $dest by hand." >&2
+    exit 1
+  fi
+  mv "$staging" "$dest"
+}
+
 mkdir -p "$ROOT"
 
 fetch_repo "Wan2.1-T2V-1.3B" "Wan-AI/Wan2.1-T2V-1.3B" "$ROOT/$WAN_1_3B_DIR" \
@@ -150,14 +187,18 @@ if [[ "$TRAIN" == 1 ]]; then
   fi
 
   vr_present() { [[ -f "$1/model_config.json" ]] && compgen -G "$1/checkpoint-*" >/dev/null; }
+  vr_dir="$ROOT/$VIDEO_REWARD_DIR"
   if vr_present "$ROOT/$VIDEO_REWARD_DIR"; then
     echo "VideoReward: already present in $ROOT/$VIDEO_REWARD_DIR"
   elif vr_present "$ROOT/$VIDEO_REWARD_ALIAS"; then
     echo "VideoReward: already present in $ROOT/$VIDEO_REWARD_ALIAS (the reference README's spelling; reward_forcing accepts it)"
+    vr_dir="$ROOT/$VIDEO_REWARD_ALIAS"
   else
     echo "VideoReward: downloading KlingTeam/VideoReward -> $ROOT/$VIDEO_REWARD_DIR"
     hf_download "KlingTeam/VideoReward" "$ROOT/$VIDEO_REWARD_DIR"
   fi
+  fetch_url "VideoAlign prompt template" "$VIDEOALIGN_TEMPLATE_URL" "$vr_dir/$VIDEOALIGN_TEMPLATE" \
+    "$VIDEOALIGN_TEMPLATE_MARKER"
 
   fetch_file "ODE init" "gdhe17/Self-Forcing" "checkpoints/$ODE_INIT" "$ROOT/$ODE_INIT"
   mkdir -p "$PROMPTS_DIR"
