@@ -1,6 +1,8 @@
 """Build the models a config names: from the checkpoint folder, or random tiny models for debug runs.
 
 Shared by inference and training so both find weights in the same places (``checkpoints.py`` holds the layout).
+This layer sits above the models and the pipeline: models take tensors and file paths, this module knows where
+the files of a config live. Training-only builders live in ``training/`` so inference never imports them.
 """
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ import torch
 
 from . import checkpoints as ckpt
 from .config import Config
+from .file_io import load_torch_file
 from .models.kv_cache import CausalSpec
-from .models.text_encoder import TextEncoder
+from .models.text_encoder import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER_DIR, TextEncoder
 from .models.vae import WanVAE
 from .models.wan import WanConfig, WanModel, init_random_
+from .pipeline import StreamingPipeline
 
 log = logging.getLogger(__name__)
 
@@ -68,33 +72,59 @@ def build_dit(cfg: Config, flavor: str, *, causal: CausalSpec | None = None, wei
 def build_generator(cfg: Config, *, checkpoint: str | Path | None = None, use_ema: bool = False, device="cpu",
                     dtype=torch.float32) -> WanModel:
     """The causal student, with the attention pattern of ``cfg.causal``."""
-    model = build_dit(cfg, cfg.model.generator, causal=cfg.causal.spec(), weights=checkpoint, use_ema=use_ema,
+    model = build_dit(cfg, cfg.model.generator, causal=cfg.causal, weights=checkpoint, use_ema=use_ema,
                       device=device, dtype=dtype, what="generator")
     model.rope.precision = getattr(torch, cfg.model.rope_precision)
     return model.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
 
 
 def build_inference_generator(cfg: Config, **kwargs) -> WanModel:
-    """The generator for streaming inference: ``build_generator`` plus ``model.compile``."""
+    """The generator for streaming inference: ``build_generator`` plus ``model.compile`` (mode, fallback)."""
     model = build_generator(cfg, **kwargs)
-    return model.compile_blocks() if cfg.model.compile else model
+    if cfg.model.compile:
+        model.compile_blocks(cfg.model.compile_mode, fallback=cfg.model.compile_fallback)
+    return model
 
 
 def build_text_encoder(cfg: Config, *, device="cpu", dtype=torch.float32) -> TextEncoder:
     if cfg.model.text_encoder == "tiny":
         return TextEncoder.tiny().to(device=device, dtype=dtype)
     folder = ckpt.asset_path(cfg.checkpoint_root, "wan_1_3b")
-    return TextEncoder.from_wan_folder(folder, dtype=dtype, device=device)
+    checkpoint = ckpt.require_file(folder / WAN_T5_CHECKPOINT, "Wan T5 checkpoint")
+    ckpt.require_file(folder / WAN_T5_TOKENIZER_DIR, "umt5-xxl tokenizer folder")
+    return TextEncoder.from_wan_folder(folder, dtype=dtype, device=device, state_dict=load_torch_file(checkpoint))
 
 
 def build_vae(cfg: Config, *, device="cpu", dtype=torch.float32) -> WanVAE:
     if cfg.model.vae == "tiny":
         return WanVAE.tiny().to(device=device, dtype=dtype)
-    return WanVAE.from_wan_pth(ckpt.asset_path(cfg.checkpoint_root, "vae"), dtype=dtype, device=device)
+    state_dict = load_torch_file(ckpt.asset_path(cfg.checkpoint_root, "vae"))
+    return WanVAE.from_original_state_dict(state_dict).to(device=device, dtype=dtype)
 
 
-def build_reward(cfg: Config, *, device="cpu", dtype=torch.float32):
-    """The frozen VideoReward model (tiny random one for debug runs)."""
+def build_pipeline(cfg: Config, *, checkpoint: str | Path | None = None, use_ema: bool = False, device="cpu",
+                   dtype=torch.float32, text_encoder_device=None) -> StreamingPipeline:
+    """The streaming pipeline of a config: generator (``checkpoint`` or the config's weights), text encoder, VAE,
+    schedule and default video size (tiny random models for ``configs/tiny.yaml``)."""
+    generator = build_inference_generator(cfg, checkpoint=checkpoint, use_ema=use_ema, device=device, dtype=dtype)
+    text_device = text_encoder_device or ("cpu" if cfg.text.offload_text_encoder else device)
+    text_encoder = build_text_encoder(cfg, device=text_device, dtype=dtype)
+    vae = build_vae(cfg, device=device, dtype=dtype)
+    return StreamingPipeline(generator, text_encoder, vae, denoising_steps=cfg.schedule.denoising_step_list,
+                             warp=cfg.schedule.warp_denoising_step, timestep_shift=cfg.schedule.timestep_shift,
+                             context_noise=cfg.schedule.context_noise,
+                             offload_text_encoder=cfg.text.offload_text_encoder, height=cfg.video.height,
+                             width=cfg.video.width)
+
+
+def build_reward(cfg: Config, *, device="cpu", dtype=torch.float32, require_template: bool = True):
+    """The frozen VideoReward model (tiny random one for debug runs), prompted as VideoAlign trained it.
+
+    The training prompt is read from VideoAlign's ``prompt_template.py`` in the VideoReward folder. Without that
+    file, Re-DMD training (``require_template``, the default) stops and says how to get it; scoring outside
+    training (``require_template=False``) falls back to our own wording, with a warning that the scores are not
+    VideoAlign's.
+    """
     from .models.video_reward import VideoPreprocessConfig, VideoReward
 
     tr = cfg.training
@@ -102,31 +132,20 @@ def build_reward(cfg: Config, *, device="cpu", dtype=torch.float32):
     if cfg.model.reward == "tiny":
         preprocess = VideoPreprocessConfig(fps=tr.reward_fps, sample_all_frames=tr.reward_sample_all_frames,
                                            reference_pixel_range=reference_range, min_pixels=56 * 56)
-        model = VideoReward.tiny(preprocess=preprocess)
-    else:
-        model = VideoReward.from_pretrained(ckpt.find_video_reward_dir(cfg.checkpoint_root), device=device,
-                                            dtype=dtype, sample_all_frames=tr.reward_sample_all_frames,
-                                            reference_pixel_range=reference_range)
-    return model.to(device=device, dtype=dtype)
+        return VideoReward.tiny(preprocess=preprocess).to(device=device, dtype=dtype)
+    folder = ckpt.find_video_reward_dir(cfg.checkpoint_root)
+    template = folder / ckpt.VIDEO_REWARD_TEMPLATE
+    if not template.is_file():
+        if require_template:
+            raise FileNotFoundError(
+                f"missing VideoAlign prompt template '{template}' (the prompt VideoReward was trained with; "
+                f"without it the rewards would come from a prompt it never saw); run `bash download_checkpoints.sh "
+                f"--train` or download {ckpt.VIDEO_REWARD_TEMPLATE_URL} to that path")
+        template = None
+    try:
+        return VideoReward.from_pretrained(folder, prompt_template_file=template, device=device, dtype=dtype,
+                                           fps=tr.reward_fps, sample_all_frames=tr.reward_sample_all_frames,
+                                           reference_pixel_range=reference_range)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; {ckpt.download_hint(train=True)}") from None
 
-
-def build_training_models(cfg: Config, *, device="cpu", dtype=torch.float32, frozen_dtype=None):
-    """Student (from training.generator_ckpt), critic (base weights of its flavor), teacher, text encoder, VAE,
-    reward. Frozen models run in ``frozen_dtype`` (bf16 on GPU); trainable ones keep fp32 master weights."""
-    from .training.trainer import TrainingModels
-
-    frozen_dtype = frozen_dtype or dtype
-    tr = cfg.training
-    weights = None
-    if not cfg.model.random_init:
-        weights = ckpt.require_file(tr.generator_ckpt, "ODE-initialised student (training.generator_ckpt)",
-                                    train=True)
-    generator = build_dit(cfg, cfg.model.generator, causal=cfg.causal.spec(), weights=weights, seed=0,
-                          device=device, dtype=dtype, what="generator")
-    # Tiny debug runs: critic and teacher share one random init (as the real critic starts from base weights).
-    critic = build_dit(cfg, cfg.model.critic, seed=1, device=device, dtype=dtype, what="critic")
-    teacher = build_dit(cfg, cfg.model.teacher, seed=1, device=device, dtype=frozen_dtype, what="teacher")
-    text_encoder = build_text_encoder(cfg, device=device, dtype=frozen_dtype)
-    vae = build_vae(cfg, device=device, dtype=frozen_dtype)
-    reward = build_reward(cfg, device=device, dtype=frozen_dtype) if tr.beta != 0 else None
-    return TrainingModels(generator, critic, teacher, text_encoder, vae, reward)

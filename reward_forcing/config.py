@@ -7,13 +7,16 @@ value fails with a :class:`ConfigError` naming the key and the file it came from
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401  (MISSING re-exported for schemas)
 from omegaconf.errors import OmegaConfBaseException
 
-from .models.kv_cache import SINK_POLICIES, CausalSpec
+from .compile import COMPILE_FALLBACKS, COMPILE_MODES
+from .models.kv_cache import CausalSpec
 
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
@@ -37,22 +40,9 @@ class ModelConfig:
     random_init: bool = False  # build random weights instead of loading checkpoints (tiny debug runs)
     gradient_checkpointing: bool = True
     rope_precision: str = "float64"  # float64 (reference numerics) | float32 (faster on GPU, ~1e-6 apart)
-    compile: bool = False  # torch.compile the generator's blocks for inference (eager fallback on errors)
-
-
-@dataclass
-class CausalConfig:
-    """The student's attention pattern; see reward_forcing/models/kv_cache.py."""
-
-    frames_per_block: int = 3  # latent frames per chunk (12 video frames)
-    local_attn_size: int = 9  # attention window in latent frames, sink included; -1 = global
-    sink_size: int = 3  # sink frames, initialised from the first frames
-    sink_policy: str = "ema"  # none | static | ema
-    ema_alpha: float = 0.999  # EMA-Sink decay (the reference's hard-coded value)
-
-    def spec(self) -> CausalSpec:
-        return CausalSpec(self.frames_per_block, self.local_attn_size, self.sink_size, self.sink_policy,
-                          self.ema_alpha)
+    compile: bool = False  # torch.compile the generator's blocks for inference (one graph for all layers)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    compile_fallback: str = "error"  # error: a failed compile stops the run | eager: warn and run eager
 
 
 @dataclass
@@ -80,7 +70,7 @@ class TextConfig:
 
 @dataclass
 class TrainingConfig:
-    """Re-DMD settings of the reference run (spec 4.1)."""
+    """Re-DMD settings of the reference run (docs/differences.md lists where training departs from it)."""
 
     generator_ckpt: str = "checkpoints/ode_init.pt"
     data_path: str = "prompts/vidprom_filtered_extended.txt"
@@ -106,7 +96,10 @@ class TrainingConfig:
     mixed_precision: bool = True  # bf16 compute on GPU (FSDP2 policy, or autocast for one process)
     seed: int = 0  # used as given (+ rank); the reference's seed 0 meant "random"
     log_every: int = 1
-    save_every: int = 100  # steps between resumable checkpoints (the reference never saved: spec 8.13)
+    save_every: int = 100  # steps between resumable checkpoints (the reference never saved)
+    # Resumable checkpoints kept (~40 GB each for the 1.3B run); older ones are deleted after each save.
+    # null keeps all. The reference-format exports checkpoint_model_N/model.pt are always kept.
+    keep_last_checkpoints: Optional[int] = 2
     sample_every: int = 0  # steps between sample videos logged to wandb (0 = off)
     # Deliberate fixes of the reference, each with the switch that restores it (docs/differences.md).
     reward_weighting: str = "per_sample"  # per_sample | first_sample (reference: sample 0 weights the batch)
@@ -124,7 +117,7 @@ class TrainingConfig:
 class Config:
     checkpoint_root: str = "checkpoints"  # folder laid out as download_checkpoints.sh writes it
     model: ModelConfig = field(default_factory=ModelConfig)
-    causal: CausalConfig = field(default_factory=CausalConfig)
+    causal: CausalSpec = field(default_factory=CausalSpec)  # the student's attention pattern (models/kv_cache.py)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -149,34 +142,65 @@ def _validate(cfg: Config, source: str) -> None:
         fail("model.reward", f"{cfg.model.reward!r} is not 'videoreward' or 'tiny'")
     if cfg.model.vae not in ("wan2.1", "tiny"):
         fail("model.vae", f"{cfg.model.vae!r} is not 'wan2.1' or 'tiny'")
-    if cfg.causal.sink_policy not in SINK_POLICIES:
-        fail("causal.sink_policy", f"{cfg.causal.sink_policy!r} is not one of {SINK_POLICIES}")
-    try:
-        cfg.causal.spec()
-    except ValueError as err:
-        fail("causal", str(err))
-    if cfg.video.num_output_frames % cfg.causal.frames_per_block:
-        fail("video.num_output_frames", f"{cfg.video.num_output_frames} latent frames is not a multiple of "
-             f"causal.frames_per_block={cfg.causal.frames_per_block}")
-    if cfg.video.height % 16 or cfg.video.width % 16:
-        fail("video", f"height x width {cfg.video.height}x{cfg.video.width} must be multiples of 16 "
+    if cfg.model.compile_mode not in COMPILE_MODES:
+        fail("model.compile_mode", f"{cfg.model.compile_mode!r} is not one of {COMPILE_MODES}")
+    if cfg.model.compile_fallback not in COMPILE_FALLBACKS:
+        fail("model.compile_fallback", f"{cfg.model.compile_fallback!r} is not one of {COMPILE_FALLBACKS}")
+    if cfg.video.num_output_frames < 1 or cfg.video.num_output_frames % cfg.causal.frames_per_block:
+        fail("video.num_output_frames", f"{cfg.video.num_output_frames} latent frames is not a positive multiple "
+             f"of causal.frames_per_block={cfg.causal.frames_per_block} (e.g. 21 for 81 video frames)")
+    if min(cfg.video.height, cfg.video.width) < 16 or cfg.video.height % 16 or cfg.video.width % 16:
+        fail("video", f"height x width {cfg.video.height}x{cfg.video.width} must be positive multiples of 16 "
              "(VAE stride 8 times the 2x2 patch)")
+    if cfg.video.fps < 1:
+        fail("video.fps", f"must be >= 1, got {cfg.video.fps}")
     tr = cfg.training
     if tr.reward_weighting not in ("per_sample", "first_sample"):
         fail("training.reward_weighting", f"{tr.reward_weighting!r} is not 'per_sample' or 'first_sample'")
     if tr.reward_pixel_range not in ("unit", "reference"):
         fail("training.reward_pixel_range", f"{tr.reward_pixel_range!r} is not 'unit' or 'reference'")
-    if tr.rollout_sink_policy not in SINK_POLICIES:
-        fail("training.rollout_sink_policy", f"{tr.rollout_sink_policy!r} is not one of {SINK_POLICIES}")
-    for key in ("batch_size", "gradient_accumulation_steps", "dfake_gen_update_ratio", "max_steps"):
-        if getattr(tr, key) < 1:
-            fail(f"training.{key}", f"must be >= 1, got {getattr(tr, key)}")
+    try:
+        cfg.causal.with_policy(tr.rollout_sink_policy)  # CausalSpec validates sink policies
+    except ValueError as err:
+        fail("training.rollout_sink_policy", str(err))
+    _validate_training(tr, cfg.schedule.num_train_timesteps, fail)
     if tr.num_training_frames % cfg.causal.frames_per_block:
         fail("training.num_training_frames", f"{tr.num_training_frames} is not a multiple of "
              f"causal.frames_per_block={cfg.causal.frames_per_block}")
     for step in cfg.schedule.denoising_step_list:
         if not 0 < step <= cfg.schedule.num_train_timesteps:
             fail("schedule.denoising_step_list", f"step {step} outside (0, {cfg.schedule.num_train_timesteps}]")
+
+
+def _validate_training(tr: TrainingConfig, num_train_timesteps: int, fail) -> None:
+    """Values a run would crash on (or silently misbehave with) many steps in, caught at load time."""
+    for f in fields(tr):
+        value = getattr(tr, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"training.{f.name}", f"must be a finite number, got {value}")
+    at_least = {"batch_size": 1, "gradient_accumulation_steps": 1, "dfake_gen_update_ratio": 1, "max_steps": 1,
+                "save_every": 1, "log_every": 1, "num_training_frames": 1, "global_batch_size": 0,
+                "sample_every": 0, "ema_start_step": 0, "seed": 0}
+    for key, low in at_least.items():
+        if getattr(tr, key) < low:
+            fail(f"training.{key}", f"must be >= {low}, got {getattr(tr, key)}")
+    if tr.keep_last_checkpoints is not None and tr.keep_last_checkpoints < 1:
+        fail("training.keep_last_checkpoints", f"must be >= 1 (or null to keep every checkpoint), "
+             f"got {tr.keep_last_checkpoints}")
+    for key in ("lr", "lr_critic", "max_grad_norm_generator", "max_grad_norm_critic", "reward_fps",
+                "score_timestep_shift"):
+        if getattr(tr, key) <= 0:
+            fail(f"training.{key}", f"must be > 0, got {getattr(tr, key)}")
+    if tr.weight_decay < 0:
+        fail("training.weight_decay", f"must be >= 0, got {tr.weight_decay}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(tr, key) < 1:
+            fail(f"training.{key}", f"must be in [0, 1), got {getattr(tr, key)}")
+    if not 0 <= tr.ema_weight <= 1:
+        fail("training.ema_weight", f"must be in [0, 1], got {tr.ema_weight}")
+    if not 0 <= tr.min_timestep < tr.max_timestep <= num_train_timesteps:
+        fail("training.min_timestep", f"need 0 <= min_timestep < max_timestep <= {num_train_timesteps}, got "
+             f"{tr.min_timestep} and {tr.max_timestep}")
 
 
 def _merge(base: DictConfig, other, source: str) -> DictConfig:
@@ -206,6 +230,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except OmegaConfBaseException as err:
             raise ConfigError(f"bad override in {overrides}: {str(err).splitlines()[0]}") from None
         cfg = _merge(cfg, dotlist, "command-line overrides")
+    try:  # the causal section is a CausalSpec, which validates itself; its messages start with the field name
+        OmegaConf.to_object(cfg.causal)
+    except ValueError as err:
+        raise ConfigError(f"{source}: causal.{err}") from None
     obj: Config = OmegaConf.to_object(cfg)
     _validate(obj, source)
     return obj

@@ -1,16 +1,21 @@
 #!/usr/bin/env python
 """Streaming speed benchmark: time to first frame, steady-state FPS, per-block breakdown, peak memory.
 
-    python scripts/benchmark.py                                   # tiny flavor on whatever device is there
+    python scripts/benchmark.py                                            # tiny flavor on whatever device
+    python scripts/benchmark.py --config_path configs/reward_forcing.yaml  # exactly what that config runs
     python scripts/benchmark.py --flavor 1.3B --vae wan2.1 --dtype bf16 --device cuda --repeats 5
     python scripts/benchmark.py --flavor 1.3B --vae wan2.1 --text_encoder umt5-xxl --offload_text_encoder
 
 Every model gets **random weights** (no checkpoint, no download): speed does not depend on weight values. The
 1.3B/14B DiT and umt5-xxl are allocated directly on the target device in the target dtype and filled with
-normal noise there; the tiny models and the Wan2.1 VAE (127M parameters) get their usual init on the CPU. The generation loop is :meth:`StreamingPipeline.stream` unrolled so each
-piece can be timed - the same calls in the same order (``tests/test_benchmark.py`` checks the outputs are
-bit-identical): ``prepare_context``, the KV cache, per block ``denoise_block`` (the denoising steps, then the
-context pass that rewrites the block's cache slots) and the streaming VAE decode.
+normal noise there; the tiny models and the Wan2.1 VAE (127M parameters) get their usual init on the CPU.
+With ``--config_path`` the models, cache, schedule and video size are the config's (``key=value`` overrides
+as in inference.py); the flags below override single settings (``--flavor`` etc. are shortcuts).
+
+What is timed is :meth:`StreamingPipeline.stream` itself: the pipeline calls a phase hook as each phase starts
+(``prepare_context``, then per block ``steps``, ``context``, ``decode``, ``block_end``), and the benchmark turns
+those calls into timing marks, so its figures cannot drift from what users run. KV-cache memory is read from
+the cache object.
 
 Output: a readable table on **stderr** and one JSON record as the **last line of stdout** (the only line),
 so ``python scripts/benchmark.py ... | tail -1 | python -m json.tool`` works; ``--json PATH`` also writes it.
@@ -48,9 +53,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runs from a checkout without `pip install -e .` too
     sys.path.insert(0, str(REPO_ROOT))
 
-from reward_forcing.config import load_config  # noqa: E402
+from reward_forcing.compile import (COMPILE_FALLBACKS, COMPILE_MODES, CompileCounters,  # noqa: E402
+                                    compile_cache_dir, set_compile_cache_dir)
+from reward_forcing.config import ConfigError, load_config  # noqa: E402
 from reward_forcing.models.attention import attention_backend_name  # noqa: E402
-from reward_forcing.models.kv_cache import CausalSpec  # noqa: E402
+from reward_forcing.models.kv_cache import SINK_POLICIES, CausalSpec  # noqa: E402
 from reward_forcing.models.text_encoder import TextEncoder, build_tiny_tokenizer, umt5_xxl_config  # noqa: E402
 from reward_forcing.models.vae import WAN21_VAE_ARCH, WanVAE  # noqa: E402
 from reward_forcing.models.wan import WanConfig, WanModel, init_random_  # noqa: E402
@@ -77,41 +84,51 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    defaults = load_config()  # schema defaults = the reference run (configs/default.yaml)
     p = argparse.ArgumentParser(
         description="Benchmark streaming generation (random weights, no download): time to first frame, "
                     "steady-state FPS (DiT / DiT + VAE / with text encoding), per-block breakdown, peak memory. "
-                    "Table on stderr, one JSON line on stdout.",
+                    "Table on stderr, one JSON line on stdout. Without --config_path: the reference run's cache "
+                    "and schedule with the tiny flavor; flags override single settings.",
         formatter_class=_HelpFormatter)
-    g = p.add_argument_group("models")
-    g.add_argument("--flavor", default="tiny", choices=["tiny", "1.3B", "14B"], help="generator (causal DiT) size")
+    p.add_argument("--config_path", default=None,
+                   help="benchmark exactly what this config runs: generator flavor, VAE, text encoder, cache, "
+                        "schedule, video size, rope precision, compile")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as in inference.py")
+    g = p.add_argument_group("models (default: the config's; without one, the tiny flavor)")
+    g.add_argument("--flavor", default=None, choices=["tiny", "1.3B", "14B"], help="generator (causal DiT) size")
     g.add_argument("--vae", default=None, choices=["tiny", "wan2.1"],
                    help="VAE decoder; default: tiny for the tiny flavor, wan2.1 (real architecture) otherwise")
-    g.add_argument("--text_encoder", default="none", choices=["none", "tiny", "umt5-xxl"],
-                   help="none: a random context tensor, no encoding time; tiny: the 32-dim test encoder (tiny "
-                        "flavor only); umt5-xxl: the real 5.7B architecture with random weights (~11.4 GB in bf16)")
-    g.add_argument("--offload_text_encoder", action="store_true",
+    g.add_argument("--text_encoder", default=None, choices=["none", "tiny", "umt5-xxl"],
+                   help="none: a random context tensor, no encoding time (the default without a config); tiny: "
+                        "the 32-dim test encoder (tiny flavor only); umt5-xxl: the real 5.7B architecture with "
+                        "random weights (~11.4 GB in bf16)")
+    g.add_argument("--offload_text_encoder", action="store_true", default=None,
                    help="move the text encoder to the CPU after encoding (peak_mem_gb then excludes it)")
-    g.add_argument("--rope_precision", default="float64", choices=["float64", "float32"],
+    g.add_argument("--rope_precision", default=None, choices=["float64", "float32"],
                    help="RoPE arithmetic: float64 complex (reference numerics) or float32 real (faster on GPU)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile each generator block (errors fall back to eager; see compile_status)")
-    g.add_argument("--compile_mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode when --compile is given")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the generator's blocks")
+    g.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode with --compile (max-autotune, reduce-overhead: CUDA graphs on a GPU); "
+                        "default: the config's model.compile_mode")
+    g.add_argument("--compile_fallback", default=None, choices=COMPILE_FALLBACKS,
+                   help="a failed compile: error (stop) or eager (warn, benchmark eager; compile_fallbacks "
+                        "counts it); default: the config's model.compile_fallback")
+    g.add_argument("--compile_cache_dir", default=None, metavar="DIR",
+                   help="inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR): the first run with a folder "
+                        "compiles cold, later ones load from it (compile_cache in the JSON says which)")
     g.add_argument("--cudnn_benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark = True (autotuned VAE convolutions; the pipeline and "
                         "inference.py leave it off)")
-    g = p.add_argument_group("video and cache")
+    g = p.add_argument_group("video and cache (default: the config's)")
     g.add_argument("--height", type=int, default=None, help="pixels; default 480 (48 for the tiny flavor)")
     g.add_argument("--width", type=int, default=None, help="pixels; default 832 (80 for the tiny flavor)")
-    g.add_argument("--num_frames", type=int, default=defaults.video.num_output_frames,
+    g.add_argument("--num_frames", type=int, default=None,
                    help="LATENT frames, a multiple of --frames_per_block (21 -> 81 video frames)")
-    g.add_argument("--frames_per_block", type=int, default=defaults.causal.frames_per_block,
-                   help="latent frames per block (3 -> 12 video frames)")
-    g.add_argument("--local_attn_size", type=int, default=defaults.causal.local_attn_size,
+    g.add_argument("--frames_per_block", type=int, default=None, help="latent frames per block (3 -> 12 video frames)")
+    g.add_argument("--local_attn_size", type=int, default=None,
                    help="attention window in latent frames, sink included; -1 = global")
-    g.add_argument("--sink_size", type=int, default=defaults.causal.sink_size, help="sink frames")
-    g.add_argument("--sink_policy", default=defaults.causal.sink_policy, choices=["none", "static", "ema"],
+    g.add_argument("--sink_size", type=int, default=None, help="sink frames")
+    g.add_argument("--sink_policy", default=None, choices=SINK_POLICIES,
                    help="what happens to evicted frames (ema: folded into the sink)")
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the text encoder (ignored with none)")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, the context stand-in and the noise")
@@ -125,29 +142,58 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="leading blocks of each run excluded from the steady-state figures")
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     g.add_argument("--json", default=None, metavar="PATH", help="also write the JSON record to PATH")
-    args = p.parse_args(argv)
-
-    real = args.flavor != "tiny"
-    args.height = args.height or (480 if real else 48)
-    args.width = args.width or (832 if real else 80)
-    args.vae = args.vae or ("wan2.1" if real else "tiny")
-    if args.height % 16 or args.width % 16 or args.height <= 0 or args.width <= 0:
-        p.error(f"--height x --width {args.height}x{args.width} must be positive multiples of 16")
-    if args.frames_per_block < 1 or args.num_frames < 1 or args.num_frames % args.frames_per_block:
-        p.error(f"--num_frames {args.num_frames} must be a positive multiple of --frames_per_block "
-                f"{args.frames_per_block}")
-    if args.repeats < 1 or args.warmup_runs < 0 or args.warmup_blocks < 0:
-        p.error("--repeats must be >= 1, --warmup_runs and --warmup_blocks >= 0")
-    if args.compile and args.warmup_runs < 1:
-        p.error("--compile needs --warmup_runs >= 1 (compilation happens in the warm-up run)")
-    if args.num_frames // args.frames_per_block <= args.warmup_blocks:
-        p.error(f"{args.num_frames // args.frames_per_block} block(s) leave no steady-state block after "
-                f"--warmup_blocks {args.warmup_blocks}: raise --num_frames")
+    args = p.parse_intermixed_args(argv)
     try:
-        args.spec = CausalSpec(args.frames_per_block, args.local_attn_size, args.sink_size, args.sink_policy)
-    except ValueError as err:
+        resolve_settings(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
         p.error(str(err))
     return args
+
+
+def resolve_settings(args: argparse.Namespace) -> None:
+    """Fill every unset flag from the config (``--config_path``, or the schema defaults with the tiny flavor) and
+    check the combination; sets ``args.cfg`` (the resolved config) and ``args.spec`` (the causal spec)."""
+    cfg = load_config(args.config_path, args.overrides)
+    model = cfg.model
+    if args.config_path is None:  # shortcuts: the reference run's cache and schedule on the tiny flavor
+        args.flavor = args.flavor or "tiny"
+        args.text_encoder = args.text_encoder or "none"
+    args.flavor = args.flavor or model.generator
+    real = args.flavor != "tiny"
+    from_config = args.config_path is not None
+    args.vae = args.vae or (("tiny" if model.vae == "tiny" else "wan2.1") if from_config else
+                            ("wan2.1" if real else "tiny"))
+    args.text_encoder = args.text_encoder or ("tiny" if model.text_encoder == "tiny" else "umt5-xxl")
+    args.offload_text_encoder = bool(cfg.text.offload_text_encoder if args.offload_text_encoder is None
+                                     else args.offload_text_encoder)
+    args.rope_precision = args.rope_precision or model.rope_precision
+    args.compile = bool(model.compile if args.compile is None else args.compile)
+    args.compile_mode = args.compile_mode or model.compile_mode
+    args.compile_fallback = args.compile_fallback or model.compile_fallback
+    default_h, default_w = (cfg.video.height, cfg.video.width) if from_config else ((480, 832) if real else (48, 80))
+    args.height = args.height or default_h
+    args.width = args.width or default_w
+    args.num_frames = args.num_frames if args.num_frames is not None else cfg.video.num_output_frames
+    causal = cfg.causal
+    args.frames_per_block = args.frames_per_block or causal.frames_per_block
+    args.local_attn_size = args.local_attn_size if args.local_attn_size is not None else causal.local_attn_size
+    args.sink_size = args.sink_size if args.sink_size is not None else causal.sink_size
+    args.sink_policy = args.sink_policy or causal.sink_policy
+    if args.height % 16 or args.width % 16 or args.height <= 0 or args.width <= 0:
+        raise ValueError(f"--height x --width {args.height}x{args.width} must be positive multiples of 16")
+    if args.frames_per_block < 1 or args.num_frames < 1 or args.num_frames % args.frames_per_block:
+        raise ValueError(f"--num_frames {args.num_frames} must be a positive multiple of --frames_per_block "
+                         f"{args.frames_per_block}")
+    if args.repeats < 1 or args.warmup_runs < 0 or args.warmup_blocks < 0:
+        raise ValueError("--repeats must be >= 1, --warmup_runs and --warmup_blocks >= 0")
+    if args.compile and args.warmup_runs < 1:
+        raise ValueError("--compile needs --warmup_runs >= 1 (compilation happens in the warm-up run)")
+    if args.num_frames // args.frames_per_block <= args.warmup_blocks:
+        raise ValueError(f"{args.num_frames // args.frames_per_block} block(s) leave no steady-state block after "
+                         f"--warmup_blocks {args.warmup_blocks}: raise --num_frames")
+    args.spec = CausalSpec(args.frames_per_block, args.local_attn_size, args.sink_size, args.sink_policy,
+                           causal.ema_alpha)
+    args.cfg = cfg
 
 
 def resolve_device(name: str) -> torch.device:
@@ -251,13 +297,30 @@ def _param_bytes(module: torch.nn.Module | None) -> int:
 
 
 # ------------------------------------------------------------------------------------------- compile
-def compile_generator(generator: WanModel, mode: str) -> None:
-    """torch.compile every transformer block in place (see ``WanModel.compile_blocks``)."""
-    generator.compile_blocks(mode)
-
-
-def uncompile_generator(generator: WanModel) -> None:
-    generator.uncompile_blocks()
+def compile_fields(args, generator: WanModel, cold: "RunTiming | None", runs: list["RunTiming"],
+                   warmup: CompileCounters, timed: CompileCounters) -> dict:
+    """The JSON's compile figures. ``compile_s`` is the warm-up run's wall time beyond a timed run's: what
+    compiling cost this process, cold (nothing in inductor's cache) or warm (everything loaded from it), as
+    ``compile_cache`` says; ``compile_recompiles`` counts graphs compiled during the timed runs (0: the warm-up
+    covered every shape)."""
+    if not args.compile:
+        return {"compile_status": "off", **dict.fromkeys(
+            ["compile_mode", "compile_fallback", "compile_s", "compile_cold_s", "compile_warm_s", "compile_cache",
+             "compile_cache_dir", "compile_graphs", "compile_graph_breaks", "compile_recompiles",
+             "compile_fallbacks"])}
+    failures = generator.compile_failures
+    compile_s = cold.total_s - _median([r.total_s for r in runs]) if cold is not None else None
+    state = warmup.cache_state
+    return {
+        "compile_status": f"eager fallback ({failures[0]})" if failures else f"on ({args.compile_mode})",
+        "compile_mode": args.compile_mode, "compile_fallback": args.compile_fallback,
+        "compile_s": compile_s,
+        "compile_cold_s": compile_s if state == "cold" else None,
+        "compile_warm_s": compile_s if state == "warm" else None,
+        "compile_cache": state, "compile_cache_dir": str(compile_cache_dir()),
+        "compile_graphs": warmup.graphs, "compile_graph_breaks": warmup.graph_breaks + timed.graph_breaks,
+        "compile_recompiles": timed.graphs, "compile_fallbacks": len(failures),
+    }
 
 
 # -------------------------------------------------------------------------------------------- timing
@@ -284,22 +347,6 @@ class Clock:
     def seconds(self, a, b) -> float:
         """Elapsed seconds between two marks (CUDA: only after a sync that follows ``b``)."""
         return a.elapsed_time(b) / 1e3 if self.cuda else b - a
-
-
-class _CallMarker:
-    """Stands in for the generator inside the pipeline: marks the start of every forward call so the context
-    pass (the last call of a block) can be told from the denoising steps. Everything else is delegated."""
-
-    def __init__(self, module: WanModel, clock: Clock):
-        self.module, self.clock = module, clock
-        self.marks: list = []
-
-    def __call__(self, *args, **kwargs):
-        self.marks.append(self.clock.mark())
-        return self.module(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.module, name)
 
 
 @dataclass
@@ -330,51 +377,41 @@ class RunTiming:
 @torch.no_grad()
 def timed_stream(pipe: StreamingPipeline, context: torch.Tensor, clock: Clock, *, num_frames: int, height: int,
                  width: int, seed: int = 0, keep_outputs: bool = False) -> RunTiming:
-    """``pipe.stream(context=context, decode=True, ...)`` unrolled with timing marks (same calls, same order)."""
-    generator = pipe.generator
-    marker = _CallMarker(generator, clock)
-    pipe.generator = marker
+    """Time ``pipe.stream(context=context, decode=True, ...)`` itself: the pipeline's phase hook records a mark as
+    each phase starts and a forward pre-hook counts generator calls; the host waits for the device only after
+    each yielded block."""
+    marks: list[tuple[str, object, float]] = []  # (phase, device mark, host time)
+    calls = [0]
+    pipe.phase_hook = lambda name: marks.append((name, clock.mark(), time.perf_counter()))
+    counter = pipe.generator.register_forward_pre_hook(lambda module, inputs: calls.__setitem__(0, calls[0] + 1))
+    run = RunTiming(ttff_s=0.0, prepare_context_s=0.0, total_s=0.0)
+    ends, block_calls = [], []
     try:
         t0 = clock.sync()
-        context = context.to(device=pipe.device, dtype=pipe.dtype)
-        batch = context.shape[0]
-        block = pipe.frames_per_block
-        h, w = height // 8, width // 8
-        rng = torch.Generator().manual_seed(seed)
-        draw = pipe._gaussian(rng)
-        noise = draw((batch, num_frames, generator.config.in_dim, h, w))
-        m0 = clock.mark()
-        text = generator.prepare_context(context)
-        m_ctx = clock.mark()
-        cache = pipe._kv_cache(batch, h, w, num_frames)
-        decoder = pipe.vae.stream_decoder()
-        run = RunTiming(ttff_s=0.0, prepare_context_s=0.0, total_s=0.0)
-        pending = []
-        for index, start in enumerate(range(0, num_frames, block)):
-            host_start = time.perf_counter()
-            marker.marks.clear()
-            b0 = clock.mark()
-            latents = pipe.denoise_block(noise[:, start:start + block].to(pipe.device, pipe.dtype), text, cache,
-                                         start, draw)
-            b1 = clock.mark()
-            frames = decoder.decode(latents.to(pipe.vae.dtype))
-            b2 = clock.mark()
+        for chunk in pipe.stream(context=context, num_frames=num_frames, height=height, width=width, seed=seed):
             host_end = clock.sync()  # the only sync of the block
-            if index == 0:
+            if chunk.index == 0:
                 run.ttff_s = host_end - t0
-            pending.append((index, frames.shape[1], b0, list(marker.marks), b1, b2, host_end - host_start))
+            ends.append((chunk.frames.shape[1], host_end))
+            block_calls.append(calls[0])
+            calls[0] = 0
             if keep_outputs:
-                run.latents.append(latents)
-                run.frames.append(frames)
+                run.latents.append(chunk.latents)
+                run.frames.append(chunk.frames)
         run.total_s = time.perf_counter() - t0
-        run.prepare_context_s = clock.seconds(m0, m_ctx)
-        for index, n, b0, calls, b1, b2, wall in pending:
-            ctx_start = calls[-1]  # the context pass is the block's last generator call
-            run.blocks.append(BlockTiming(index, n, len(calls), clock.seconds(b0, ctx_start),
-                                          clock.seconds(ctx_start, b1), clock.seconds(b1, b2), wall))
-        return run
     finally:
-        pipe.generator = generator
+        pipe.phase_hook = None
+        counter.remove()
+    # Marks: prepare_context, then per block steps, context, decode, block_end.
+    run.prepare_context_s = clock.seconds(marks[0][1], marks[1][1])
+    per_block = [marks[i:i + 4] for i in range(1, len(marks), 4)]
+    for index, (phases, (frames, host_end), n_calls) in enumerate(zip(per_block, ends, block_calls)):
+        names = [name for name, _, _ in phases]
+        assert names == ["steps", "context", "decode", "block_end"], names
+        (_, steps, host_start), (_, ctx, _), (_, dec, _), (_, end, _) = phases
+        run.blocks.append(BlockTiming(index, frames, n_calls, clock.seconds(steps, ctx), clock.seconds(ctx, dec),
+                                      clock.seconds(dec, end), host_end - host_start))
+    return run
 
 
 def time_text_encoding(pipe: StreamingPipeline, prompt: str, clock: Clock, repeats: int, warmup: int):
@@ -485,27 +522,26 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """The machine and software, from ``torch.utils.collect_env`` (what PyTorch bug reports use), plus the
+    commit, the attention backend and the date."""
+    from torch.utils.collect_env import get_env_info
+
+    info = get_env_info()
+    cpu = next((line.split(":", 1)[1].strip() for line in (info.cpu_info or "").splitlines()
+                if line.startswith("Model name")), None) or platform.processor() or platform.machine()
     env = {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "cpu": cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "num_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "gpu_memory_gb": None,
+        "nvidia_driver": info.nvidia_driver_version,
+        "os": info.os,
         "attention_backend": attention_backend_name(device, dtype),
         "python": platform.python_version(),
     }
@@ -634,6 +670,10 @@ def format_table(rec: dict) -> str:
         f"{num(rec['vae_tflops_achieved'], '{:.3g}')} TFLOP/s achieved",
         f"  {'peak memory (generation)':34s} {num(rec['peak_mem_gb'], '{:.3f}')} GB ({rec['peak_mem_kind']}); "
         f"process peak {num(rec['peak_mem_total_gb'], '{:.3f}')} GB",
+        f"  {'compile':34s} {num(rec['compile_s'])} s ({rec['compile_cache'] or '-'} cache), "
+        f"{rec['compile_graphs'] if rec['compile_graphs'] is not None else '-'} graphs, "
+        f"{rec['compile_recompiles'] if rec['compile_recompiles'] is not None else '-'} recompiles after warm-up, "
+        f"{rec['compile_fallbacks'] if rec['compile_fallbacks'] is not None else '-'} fallbacks",
         f"  {'weights':34s} DiT {num(rec['weights_gb']['generator'], '{:.3f}')}  VAE "
         f"{num(rec['weights_gb']['vae'], '{:.3f}')}  text {num(rec['weights_gb']['text_encoder'], '{:.3f}')} GB;"
         f"  KV cache {num(rec['kv_cache_gb'], '{:.3f}')} GB",
@@ -660,10 +700,11 @@ def run_benchmark(args) -> dict:
     if text_encoder is not None and text_encoder.dim != text_dim:
         raise BenchmarkError(f"--text_encoder {args.text_encoder} gives {text_encoder.dim}-dim embeddings but the "
                              f"{args.flavor} DiT takes {text_dim}: use tiny with the tiny flavor, umt5-xxl otherwise")
-    schedule = load_config().schedule
+    schedule = args.cfg.schedule
     pipe = StreamingPipeline(generator, text_encoder, vae, denoising_steps=schedule.denoising_step_list,
                              warp=schedule.warp_denoising_step, timestep_shift=schedule.timestep_shift,
-                             context_noise=schedule.context_noise, offload_text_encoder=args.offload_text_encoder)
+                             context_noise=schedule.context_noise, offload_text_encoder=args.offload_text_encoder,
+                             height=args.height, width=args.width)
     weights = {"generator": _param_bytes(generator) / GB, "vae": _param_bytes(vae) / GB,
                "text_encoder": _param_bytes(text_encoder) / GB}
     clock = Clock(device)
@@ -683,33 +724,30 @@ def run_benchmark(args) -> dict:
         context = context.to(device=device, dtype=dtype)
     memory.reset()  # the generation phase starts here (text encoder already offloaded if asked)
 
-    compile_status = "off"
     if args.compile:
-        compile_generator(generator, args.compile_mode)
-        compile_status = f"on ({args.compile_mode})"
+        if args.compile_cache_dir:
+            set_compile_cache_dir(args.compile_cache_dir)
+        generator.compile_blocks(args.compile_mode, fallback=args.compile_fallback)
     kw = dict(num_frames=args.num_frames, height=args.height, width=args.width, seed=args.seed)
+    counters = CompileCounters.read()
     cold = None
     for _ in range(args.warmup_runs):
-        try:
-            run = timed_stream(pipe, context, clock, **kw)
-        except Exception as err:  # noqa: BLE001 - a compiler failure must not lose the eager figures
-            if not args.compile or compile_status.startswith("failed"):
-                raise
-            print(f"torch.compile failed ({type(err).__name__}: {err}); falling back to eager", file=sys.stderr)
-            uncompile_generator(generator)
-            compile_status = f"failed, eager ({type(err).__name__})"
-            run = timed_stream(pipe, context, clock, **kw)
+        run = timed_stream(pipe, context, clock, **kw)
         cold = cold or run
+    after_warmup = CompileCounters.read()
     runs = [timed_stream(pipe, context, clock, **kw) for _ in range(args.repeats)]
+    compiled = compile_fields(args, generator, cold, runs, after_warmup - counters,
+                              CompileCounters.read() - after_warmup)
 
     peak = memory.peak_bytes() / GB
     rec = {
         "schema": SCHEMA,
+        "config_path": args.config_path, "overrides": list(args.overrides),
         "flavor": args.flavor, "vae": args.vae, "text_encoder": args.text_encoder,
         "offload_text_encoder": args.offload_text_encoder,
         **environment(device, dtype),
         "load_avg_1m": load,
-        "compile": bool(args.compile), "compile_status": compile_status, "rope_precision": args.rope_precision,
+        "compile": bool(args.compile), **compiled, "rope_precision": args.rope_precision,
         "cudnn_benchmark": bool(args.cudnn_benchmark),
         "dtype": str(dtype).replace("torch.", ""),
         "height": args.height, "width": args.width,
@@ -724,7 +762,7 @@ def run_benchmark(args) -> dict:
         "offload_ms": None if offload_s is None else 1e3 * offload_s,
         "peak_mem_kind": memory.kind,
         "weights_gb": weights,
-        "kv_cache_gb": (pipe._cache.k.numel() * pipe._cache.k.element_size() * 2 / GB) if pipe._cache else None,
+        "kv_cache_gb": pipe.cache.nbytes / GB if pipe.cache is not None else None,
     }
     return rec
 

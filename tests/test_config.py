@@ -5,6 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from reward_forcing.config import Config, ConfigError, load_config
+from reward_forcing.models.kv_cache import CausalSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -17,7 +18,7 @@ def test_default_yaml_is_the_schema():
 def test_shipped_configs_load():
     ref = load_config(CONFIGS / "reward_forcing.yaml")
     assert (ref.model.generator, ref.model.teacher) == ("1.3B", "14B")
-    assert ref.causal.spec().sink_policy == "ema" and ref.causal.local_attn_size == 9
+    assert isinstance(ref.causal, CausalSpec) and ref.causal.sink_policy == "ema" and ref.causal.local_attn_size == 9
     assert ref.training.lr == 2e-6 and ref.training.beta == 2.0
     tiny = load_config(CONFIGS / "tiny.yaml", ["causal.sink_policy=static", "video.num_output_frames=9"])
     assert tiny.model.generator == "tiny" and tiny.model.random_init
@@ -38,6 +39,30 @@ def test_bad_values_name_key_and_file(tmp_path, yaml_text, needle):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert needle in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("training.save_every=0", "training.save_every: must be >= 1, got 0"),
+    ("training.max_steps=-3", "training.max_steps: must be >= 1"),
+    ("training.beta=nan", "training.beta: must be a finite number"),
+    ("training.keep_last_checkpoints=0", "training.keep_last_checkpoints: must be >= 1 (or null"),
+    ("training.lr=0", "training.lr: must be > 0"),
+    ("training.beta2=1.0", "training.beta2: must be in [0, 1)"),
+    ("training.ema_weight=1.5", "training.ema_weight"),
+    ("training.min_timestep=990", "training.min_timestep"),
+    ("training.log_every=0", "training.log_every"),
+    ("training.global_batch_size=-8", "training.global_batch_size"),
+])
+def test_nonsensical_training_values_fail_at_load(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "reward_forcing.yaml", [override])
+    assert needle in str(err.value)
+
+
+def test_keep_last_checkpoints_null_keeps_all():
+    assert load_config(CONFIGS / "tiny.yaml", ["training.keep_last_checkpoints=null"]).training.keep_last_checkpoints \
+        is None
+    assert load_config(CONFIGS / "tiny.yaml").training.keep_last_checkpoints == 2
 
 
 def test_bad_overrides_and_missing_file(tmp_path):

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from reward_forcing.models.kv_cache import CausalSpec, KVCache
+from reward_forcing.models.kv_cache import CausalSpec, KVCache, block_causal_plan
 
 
-IDENTITY = lambda keys, positions: keys  # noqa: E731 - a RoPE stand-in for bookkeeping tests
+IDENTITY = lambda keys: keys  # noqa: E731 - a RoPE stand-in for bookkeeping tests
 
 
 def make_cache(spec=CausalSpec(), *, layers=1, frame_tokens=1, max_frames=None, batch=1):
@@ -21,7 +21,7 @@ def write_chunk(cache, start, n, value_of=lambda frame: float(frame)):
     vals = torch.tensor([value_of(a) for a in range(start, start + n)]).repeat_interleave(ft)
     kv = vals.view(1, n * ft, 1, 1).expand(cache.batch_size, -1, 1, 2).clone()
     for layer in range(cache.k.shape[0]):
-        cache.layer(layer, step).attend(kv, -kv, IDENTITY)
+        cache.layer(layer, step).attend(kv, -kv, IDENTITY, IDENTITY)
     return step
 
 
@@ -142,14 +142,13 @@ def test_ring_buffer_never_reallocates_or_rolls():
 def test_grad_path_snapshots_past_and_commits_after():
     cache = make_cache()
     stream(cache, 6)
-    step = cache.begin(6, 3)
     new = torch.full((1, 3, 1, 2), 7.0, requires_grad=True)
     with torch.enable_grad():
+        step = cache.begin(6, 3)
         layer = cache.layer(0, step)
-        seen = []
-        k, v = layer.attend(new, new, lambda keys, positions: (seen.append(positions), keys)[1])
-    assert k.shape[1] == 9 and k.requires_grad
-    assert seen == [list(range(9))]
+        k, v = layer.attend(new, new, IDENTITY, IDENTITY)
+    assert step.snapshot and k.shape[1] == 9 and k.requires_grad
+    assert step.key_positions == list(range(9))  # past slots (frames 0..5), then the chunk
     assert cache.k[0, 0, 6, 0, 0].item() == 0.0  # not written yet
     layer.commit()
     assert cache.k[0, 0, 6:9, 0, 0].tolist() == [7.0, 7.0, 7.0]
@@ -163,7 +162,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="batch 1"):
         step = cache.begin(3, 3)
         with torch.no_grad():
-            cache.layer(0, step).attend(torch.zeros(2, 3, 1, 2), torch.zeros(2, 3, 1, 2), IDENTITY)
+            cache.layer(0, step).attend(torch.zeros(2, 3, 1, 2), torch.zeros(2, 3, 1, 2), IDENTITY, IDENTITY)
     with pytest.raises(ValueError, match="local_attn_size=5 frames cannot hold"):
         CausalSpec(local_attn_size=5, sink_size=3, frames_per_block=3)
     with pytest.raises(ValueError, match="sink_policy"):
@@ -184,3 +183,21 @@ def test_reset_starts_a_new_video():
     cache.reset()
     step = write_chunk(cache, 0, 3)
     assert step.slot_frame == [0, 1, 2] and cache.num_sink_updates == 0
+
+
+def test_block_causal_plan_is_the_streaming_window():
+    """One pass over 12 frames attends like streaming them: each chunk sees the frames a streaming cache holds
+    at that chunk, and the sink at the positions that cache gives it (shifted to absolute query positions)."""
+    plan = block_causal_plan(CausalSpec(), 12)
+    assert [c.queries for c in plan.sink_copies] == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    assert all(c.frames == [0, 1, 2] for c in plan.sink_copies)
+    # Window-relative ranks: the 4th chunk's first query has rank 6 at absolute position 9, so its sink moves by 3.
+    assert [c.positions for c in plan.sink_copies] == [[0, 1, 2], [0, 1, 2], [0, 1, 2], [3, 4, 5]]
+    mask = plan.frame_mask
+    assert mask.shape == (12, 12 + 4 * 3)
+    attended = [(mask[q, :12].nonzero().flatten().tolist(), mask[q, 12:].nonzero().flatten().tolist())
+                for q in (0, 4, 8, 10)]
+    assert attended == [([], [0, 1, 2]),  # chunk 0 is all sink: its copy, nothing else
+                        ([3, 4, 5], [3, 4, 5]),
+                        ([3, 4, 5, 6, 7, 8], [6, 7, 8]),
+                        ([6, 7, 8, 9, 10, 11], [9, 10, 11])]  # frames 3..5 left the 6-frame ring

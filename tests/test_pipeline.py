@@ -2,26 +2,27 @@
 import pytest
 import torch
 
+from reward_forcing.build import build_pipeline
 from reward_forcing.config import load_config
 from reward_forcing.models.wan import WanModel, init_random_
 from reward_forcing.pipeline import StreamingPipeline
-from conftest import REPO_ROOT
+from conftest import PARITY_ATOL, REPO_ROOT
 
 
 def test_replays_reference_run_with_injected_noise(golden_tiny_model, golden_trace):
-    """Mode 2 of the golden README: our pipeline on the recorded noise and re-noising draws."""
+    """Replay mode 2 of tests/golden/README.md: our pipeline on the recorded noise and re-noising draws."""
     tr = golden_trace
     pipe = StreamingPipeline(golden_tiny_model, None, None)
     assert pipe.timesteps == [1000.0, 937.5, 833.3333129882812, 625.0]
     _, latents = pipe.generate(context=tr["context"], num_frames=21, height=48, width=80, noise=tr["noise"],
                                renoise=[tr[f"eps{i:03d}"] for i in range(21)], decode=False)
     assert latents.shape == tr["output"].shape
-    assert (latents - tr["output"]).abs().max() <= 5e-5
+    assert (latents - tr["output"]).abs().max() <= PARITY_ATOL
 
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    return StreamingPipeline.from_config(load_config(REPO_ROOT / "configs" / "tiny.yaml"))
+    return build_pipeline(load_config(REPO_ROOT / "configs" / "tiny.yaml"))
 
 
 def test_stream_yields_blocks_and_equals_generate(tiny_pipe):
@@ -94,7 +95,7 @@ def test_bad_arguments(tiny_pipe):
 
 def test_offloaded_text_encoder_visits_the_device_only_to_encode():
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["text.offload_text_encoder=true"])
-    pipe = StreamingPipeline.from_config(cfg)
+    pipe = build_pipeline(cfg)
     moves = []
     original_to = pipe.text_encoder.to
 
@@ -112,6 +113,6 @@ def test_offloaded_text_encoder_visits_the_device_only_to_encode():
 def test_caches_are_allocated_once_per_session(tiny_pipe):
     kw = dict(num_frames=3, height=48, width=80, decode=False)
     tiny_pipe.generate("a red car", **kw)
-    kv, text = tiny_pipe._cache.k.data_ptr(), tiny_pipe._text.layer_kv[0][0].data_ptr()
+    kv, text = tiny_pipe.cache.k.data_ptr(), tiny_pipe._text.layer_kv[0][0].data_ptr()
     tiny_pipe.generate("a blue boat", **kw)
-    assert tiny_pipe._cache.k.data_ptr() == kv and tiny_pipe._text.layer_kv[0][0].data_ptr() == text
+    assert tiny_pipe.cache.k.data_ptr() == kv and tiny_pipe._text.layer_kv[0][0].data_ptr() == text

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from reward_forcing.models.vae import WAN_LATENT_MEAN, WAN_LATENT_STD, WanVAE
+from conftest import PARITY_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_decode_matches_golden(golden_vae, golden_io):
     assert pixels.shape == expected.shape == (1, 21, 3, 32, 48)
     err = (pixels - expected).abs().max().item()
     print(f"VAE decode max abs err {err:.3g}")
-    assert err <= 1e-5
+    assert err <= PARITY_ATOL
 
 
 def test_stream_decode_matches_golden(golden_vae, golden_io):
@@ -49,7 +50,7 @@ def test_stream_decode_matches_golden(golden_vae, golden_io):
     expected = golden_io["decoded_raw"].clamp(-1, 1).permute(0, 2, 1, 3, 4)
     dec = golden_vae.stream_decoder()
     pixels = torch.cat([dec.decode(z[:, :3]), dec.decode(z[:, 3:])], dim=1)
-    assert (pixels - expected).abs().max().item() <= 1e-5
+    assert (pixels - expected).abs().max().item() <= PARITY_ATOL
 
 
 def test_encode_matches_golden(golden_vae, golden_io):
@@ -59,7 +60,7 @@ def test_encode_matches_golden(golden_vae, golden_io):
     assert latents.shape == expected.shape == (1, 3, 16, 4, 6)
     err = (latents - expected).abs().max().item()
     print(f"VAE encode max abs err {err:.3g}")
-    assert err <= 1e-5
+    assert err <= PARITY_ATOL
 
 
 @pytest.mark.parametrize("chunks", [[3, 3], [1, 2, 3], [1, 1, 1, 1, 1, 1], [6]])
@@ -82,7 +83,7 @@ def test_decode_matches_diffusers_decode(tiny_vae):
     ours = tiny_vae.decode(latents)
     with torch.no_grad():
         ref = tiny_vae.model.decode(tiny_vae.denormalise(latents)).sample.permute(0, 2, 1, 3, 4)
-    assert (ours - ref).abs().max().item() <= 1e-5
+    assert (ours - ref).abs().max().item() <= PARITY_ATOL
 
 
 def test_stream_decode_pipeline_blocks_and_reset(tiny_vae):
@@ -122,9 +123,25 @@ def test_tiny_is_seeded_and_keeps_global_rng():
 
 def test_missing_checkpoint_message(tmp_path):
     path = tmp_path / "Wan2.1_VAE.pth"
-    with pytest.raises(FileNotFoundError) as info:
-        WanVAE.from_wan_pth(path)
-    assert str(path) in str(info.value) and "bash download_checkpoints.sh" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth"):
+        WanVAE.from_wan_pth(path)  # the model names the file ...
+    from reward_forcing.build import build_vae
+    from reward_forcing.config import load_config
+
+    with pytest.raises(FileNotFoundError) as info:  # ... the builder, which knows the layout, says how to get it
+        build_vae(load_config(overrides=[f"checkpoint_root={tmp_path}"]))
+    assert "Wan2.1_VAE.pth" in str(info.value) and "bash download_checkpoints.sh" in str(info.value)
+
+
+def test_vae_geometry():
+    vae = WanVAE.tiny()
+    assert (vae.spatial_stride, vae.temporal_stride) == (8, 4)
+    assert vae.latent_size(480, 832) == (60, 104) and vae.video_frames(21) == 81 and vae.video_frames(120) == 477
+    assert vae.chunk_frames(3, first=True) == 9 and vae.chunk_frames(3, first=False) == 12
+    with pytest.raises(ValueError, match="50x80"):
+        vae.latent_size(50, 80)
+    frames = vae.decode(torch.zeros(1, 3, 16, 2, 2))
+    assert frames.shape[1] == vae.video_frames(3) and frames.shape[-2:] == (16, 16)
 
 
 def test_from_wan_pth_loads_original_keys(tmp_path, golden_dir):

@@ -22,7 +22,6 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from ..checkpoints import require_file
 
 __all__ = [
     "WAN_T5_CHECKPOINT",
@@ -38,6 +37,12 @@ __all__ = [
 WAN_T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
 WAN_T5_TOKENIZER_DIR = os.path.join("google", "umt5-xxl")
 TEXT_LEN = 512
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"missing {what}: '{path}' does not exist")
+    return path
+
 
 def clean_prompt(text: str) -> str:
     """Wan's ``clean='whitespace'`` prompt cleaning: ftfy, HTML-unescape twice, collapse whitespace, strip."""
@@ -148,18 +153,24 @@ class TextEncoder(torch.nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_wan_folder(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-                        device: str | torch.device = "cpu") -> "TextEncoder":
+                        device: str | torch.device = "cpu", state_dict: dict[str, torch.Tensor] | None = None
+                        ) -> "TextEncoder":
         """Load Wan's layout: ``<folder>/models_t5_umt5-xxl-enc-bf16.pth`` + tokenizer ``<folder>/google/umt5-xxl/``.
 
         The model is built on the meta device and the checkpoint tensors are assigned (memory-mapped), so the
         5.7B weights are never randomly initialised nor held twice before the final ``.to(device, dtype)``.
+        ``state_dict``: the checkpoint's tensors if the caller already read them (``build.py`` reads files through
+        ``file_io`` so that a corrupt file is named in one line).
         """
         folder = Path(folder)
-        checkpoint = require_file(folder / WAN_T5_CHECKPOINT, "Wan T5 checkpoint")
-        tokenizer_dir = require_file(folder / WAN_T5_TOKENIZER_DIR, "umt5-xxl tokenizer folder")
+        checkpoint = folder / WAN_T5_CHECKPOINT if state_dict is None else None
+        if checkpoint is not None:
+            _existing(checkpoint, "Wan T5 checkpoint")
+        tokenizer_dir = _existing(folder / WAN_T5_TOKENIZER_DIR, "umt5-xxl tokenizer folder")
+        if checkpoint is not None:
+            state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
         with torch.device("meta"):
             encoder = UMT5EncoderModel(umt5_xxl_config())
-        state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
         encoder.load_state_dict(convert_wan_t5_state_dict(state_dict), strict=True, assign=True)
         encoder.set_input_embeddings(encoder.shared)  # re-tie: assign=True loaded two separate Parameters
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
@@ -179,8 +190,8 @@ class TextEncoder(torch.nn.Module):
             encoder_dir, tokenizer_dir = folder / "text_encoder", folder / "tokenizer"
         else:
             encoder_dir = tokenizer_dir = folder
-        require_file(encoder_dir / "config.json", "text encoder config")
-        require_file(tokenizer_dir, "tokenizer folder")
+        _existing(encoder_dir / "config.json", "text encoder config")
+        _existing(tokenizer_dir, "tokenizer folder")
         encoder = UMT5EncoderModel.from_pretrained(encoder_dir, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         return cls(encoder.to(device=device, dtype=dtype), tokenizer)

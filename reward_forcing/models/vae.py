@@ -19,13 +19,12 @@ The VAE is frozen: every entry point runs under ``torch.no_grad``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-
-from ..checkpoints import require_file
 
 __all__ = ["WAN_LATENT_MEAN", "WAN_LATENT_STD", "WanVAE", "WanStreamDecoder"]
 
@@ -84,7 +83,8 @@ class WanVAE(torch.nn.Module):
     def from_wan_pth(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu") -> "WanVAE":
         """Load the original ``Wan2.1_VAE.pth`` (real architecture)."""
-        require_file(path, "Wan VAE checkpoint")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"missing Wan VAE checkpoint: '{path}' does not exist")
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
         return cls.from_original_state_dict(state_dict).to(device=device, dtype=dtype)
 
@@ -98,6 +98,32 @@ class WanVAE(torch.nn.Module):
             torch.manual_seed(seed)
             model = AutoencoderKLWan(**TINY_VAE_ARCH)
         return cls(model)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def spatial_stride(self) -> int:
+        """Pixels per latent pixel along height and width (8 for Wan2.1)."""
+        return 2 ** (len(self.model.config.dim_mult) - 1)
+
+    @property
+    def temporal_stride(self) -> int:
+        """Pixel frames per latent frame after the first (4 for Wan2.1)."""
+        return 2 ** sum(bool(d) for d in self.model.config.temperal_downsample)
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent ``(h, w)`` of a ``height x width`` video; both must be multiples of the spatial stride."""
+        s = self.spatial_stride
+        if height <= 0 or width <= 0 or height % s or width % s:
+            raise ValueError(f"video size {height}x{width} must be positive multiples of the VAE's stride {s}")
+        return height // s, width // s
+
+    def video_frames(self, latent_frames: int) -> int:
+        """Pixel frames decoded from ``latent_frames`` latent frames: ``1 + 4 (F - 1)`` (81 for 21)."""
+        return 1 + self.temporal_stride * (latent_frames - 1) if latent_frames > 0 else 0
+
+    def chunk_frames(self, latent_frames: int, *, first: bool) -> int:
+        """Pixel frames a stream decoder returns for a chunk: ``4 f``, minus 3 on the video's first chunk."""
+        return self.video_frames(latent_frames) if first else self.temporal_stride * latent_frames
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -152,7 +178,7 @@ class WanStreamDecoder:
     ``post_quant_conv`` (a 1x1x1 conv) is applied one frame at a time as well: on CPU its result for a
     1-frame input differs from the same frame inside a longer input by ~1e-7, which would otherwise make
     the output depend on where the chunk boundaries fall. (diffusers' ``decode`` applies it to all frames
-    at once, so it can differ from this by that rounding, far below the 1e-5 golden tolerance.)
+    at once, so it can differ from this by that rounding, far below the parity tolerance of the tests.)
     """
 
     def __init__(self, vae: WanVAE):

@@ -11,14 +11,18 @@ Parameter names are those of the released checkpoints (``blocks.0.self_attn.q.we
 ...), so Wan2.1 safetensors, ``ode_init.pt`` and ``rewardforcing.pt`` load without renaming (beyond the
 ``model.`` prefix, see ``reward_forcing/checkpoints.py``).
 
-Layout inside the DiT: latents ``[B, C, F, H, W]``; output is the flow ``v = noise - x0`` in the same layout.
-Numerics follow the reference (spec section 1): sinusoidal time embedding and RoPE in float64, RMSNorm in
+Layout: latents ``[B, F, C, H, W]`` (frame-major, the layout of the pipeline, the VAE wrapper and the trainer),
+so no caller permutes; the output is the flow ``v = noise - x0`` in the same layout. The patch embedding is the
+only place that sees the channel-major layout a Conv3d needs.
+Numerics follow the reference (docs/reference.md, Model): sinusoidal time embedding and RoPE in float64, RMSNorm in
 float32, everything else in the activation dtype.
 """
 from __future__ import annotations
 
 import json
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -27,13 +31,13 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, frame_block_mask, use_flex_for_masks
-from .kv_cache import CacheStep, CausalSpec, KVCache, LayerKV, rank_positions
+from .kv_cache import CausalSpec, KVCache, LayerKV, block_causal_plan
 
 
 # ------------------------------------------------------------------------------------------------ config
 @dataclass(frozen=True)
 class WanConfig:
-    """Architecture numbers of a Wan2.1 DiT (spec 1.1)."""
+    """Architecture numbers of a Wan2.1 DiT (docs/reference.md, Model)."""
 
     dim: int
     ffn_dim: int
@@ -76,7 +80,7 @@ class WanConfig:
 
 
 WAN_FLAVORS = {
-    # The golden tiny model (../shared/golden/wan_tiny_config.json): runs everything on a CPU.
+    # The golden tiny model (tests/golden/wan_tiny_config.json): runs everything on a CPU.
     "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
     "1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
@@ -172,17 +176,18 @@ class RMSNorm(nn.Module):
 
 
 class _AttentionLayout:
-    """How self-attention is wired for one forward call; built once and shared by every layer."""
+    """How self-attention is wired for one forward call; built once, before the layers, and shared by all.
 
-    def __init__(self, rope: RotaryEmbedding, grid: tuple[int, int, int], device):
-        self.rope, self.grid, self.device = rope, grid, device
-        self.step: CacheStep | None = None
-        self.q_freqs = self.k_freqs = None
+    Only tensors (and a list of them) live here, so a compiled block is not specialised on any Python value
+    that changes from call to call. q_freqs / k_freqs: RoPE tables of the queries and of the keys attended
+    (streaming: the keys in the order the cache returns them); sink_groups: (token ids, RoPE table) of each
+    re-positioned sink copy of the block-causal mode; mask: its attention mask (None = attend to all).
+    """
+
+    def __init__(self, q_freqs: torch.Tensor, k_freqs: torch.Tensor | None = None):
+        self.q_freqs, self.k_freqs = q_freqs, k_freqs
         self.sink_groups: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.mask: torch.Tensor | None = None
-
-    def freqs(self, frame_positions) -> torch.Tensor:
-        return self.rope.freqs(frame_positions, self.grid[1], self.grid[2], self.device)
 
 
 class _Attention(nn.Module):
@@ -205,8 +210,9 @@ class SelfAttention(_Attention):
         v = self.v(x).view(heads)
         mask = None
         if layer_kv is not None:  # streaming: attend to sink + window from the cache
-            k, v = layer_kv.attend(k, v, lambda keys, positions: apply_rope(keys, layout.freqs(positions)))
-            q = apply_rope(q, layout.freqs(layout.step.query_positions))
+            k, v = layer_kv.attend(k, v, lambda keys: apply_rope(keys, layout.q_freqs),
+                                   lambda keys: apply_rope(keys, layout.k_freqs))
+            q = apply_rope(q, layout.q_freqs)
         else:
             q = apply_rope(q, layout.q_freqs)
             keys, values = [apply_rope(k, layout.k_freqs)], [v]
@@ -234,7 +240,7 @@ class CrossAttention(_Attention):
 
 
 class WanBlock(nn.Module):
-    """Modulated self-attention, cross-attention, modulated FFN (spec 1.4)."""
+    """Modulated self-attention, cross-attention, modulated FFN (docs/reference.md, Model)."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -290,6 +296,25 @@ class TextContext:
 
 
 # ------------------------------------------------------------------------------------------- model
+COMPILE_FALLBACKS = ("error", "eager")
+# Graphs one compiled model may hold: one per attention shape it meets (3 per streamed resolution with the
+# shipped cache, one per chunk with global attention, one per input shape for the other modes). Per model,
+# not process-wide; past it a compile fails like any other (an error, or eager with compile_fallback=eager).
+COMPILE_GRAPH_LIMIT = 64
+
+
+def _call_block(block: WanBlock, x, e0, text, layout, layer_kv, context_kv) -> torch.Tensor:
+    """One block call: the region :meth:`WanModel.compile_blocks` compiles, shared by every layer."""
+    return block(x, e0, text, layout, layer_kv, context_kv)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions by which torch.compile reports that it could not compile (not errors of the model)."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+
+    return TorchDynamoException, FailOnRecompileLimitHit
+
+
 class WanModel(nn.Module):
     """The Wan2.1 DiT. See the module docstring for the three call modes."""
 
@@ -307,31 +332,73 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.rope = RotaryEmbedding(cfg.head_dim)  # plain attribute: no tensor in the state dict
+        self._compiled_block = None  # see compile_blocks
+        self._compiled_region = (None, None)  # (compiled callable, its (mode, backend)), kept across uncompile
+        self.compile_fallback = "error"
+        self.compile_failures: list[str] = []
 
     # ---------------------------------------------------------------------------------- utilities
     @classmethod
     def from_flavor(cls, flavor: str, causal: CausalSpec | None = None, **overrides) -> "WanModel":
         return cls(WanConfig.from_flavor(flavor, **overrides), causal)
 
-    def compile_blocks(self, mode: str = "default") -> "WanModel":
-        """``torch.compile`` every transformer block in place (cache bookkeeping and RoPE tables stay eager).
+    def compile_blocks(self, mode: str | None = None, *, backend: str | Callable = "inductor",
+                       fallback: str = "error") -> "WanModel":
+        """``torch.compile`` the transformer block once, for every layer (embeddings, head and the cache
+        bookkeeping stay eager). Undo with :meth:`uncompile_blocks`.
 
-        Safe fallback: Dynamo errors are suppressed process-wide, so a block that fails to compile runs eager
-        instead of failing the video. Undo with :meth:`uncompile_blocks`.
+        All layers call one compiled region: a layer's weights and its slice of the KV cache reach it as
+        tensors, and whatever changes per call is planned before the layers run (``KVCache.begin``), so the
+        number of graphs does not grow with depth or video length. It is one graph per attention shape:
+        streaming, one per window length while the ring fills (3 for the shipped 9-frame window and 3-frame
+        chunks; the denoising steps and the context pass of a chunk share it), plus one per input shape for the
+        bidirectional and block-causal modes. Graph breaks are errors (``fullgraph``), and no process-wide
+        setting is touched: the region keeps its own budget of ``COMPILE_GRAPH_LIMIT`` graphs.
+
+        mode: a ``torch.compile`` mode: ``default``, ``reduce-overhead``, ``max-autotune`` (both with CUDA
+        graphs on a GPU: a chunk's repeated calls pass identical tensors at fixed addresses), ...
+        backend: ``inductor``, or e.g. ``aot_eager`` / ``eager`` to check tracing cheaply.
+        fallback: ``error`` (default) raises when compiling fails; ``eager`` warns, naming the cause, and
+        runs the blocks eager from then on (the cause is kept in ``compile_failures``).
         """
-        import torch._dynamo
-
-        torch._dynamo.config.suppress_errors = True
-        # The ring cache presents a few distinct window layouts (filling up, steady state): allow them all.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for block in self.blocks:
-            block.compile(mode=mode, dynamic=False)
+        if fallback not in COMPILE_FALLBACKS:
+            raise ValueError(f"compile fallback {fallback!r} is not one of {COMPILE_FALLBACKS}")
+        region, settings = self._compiled_region
+        if region is None or settings != (mode, backend):  # else re-enable what is already compiled
+            options = {} if mode is None else {"mode": mode}
+            region = torch.compile(_call_block, backend=backend, dynamic=False, fullgraph=True,
+                                   isolate_recompiles=True, recompile_limit=COMPILE_GRAPH_LIMIT, **options)
+            self._compiled_region = (region, (mode, backend))
+        self._compiled_block = region
+        self.compile_fallback = fallback
         return self
 
     def uncompile_blocks(self) -> "WanModel":
-        for block in self.blocks:
-            block._compiled_call_impl = None
+        """Run the blocks eager again (compile_blocks with the same mode and backend re-enables the graphs
+        already compiled)."""
+        self._compiled_block = None
         return self
+
+    @property
+    def blocks_compiled(self) -> bool:
+        """Whether the blocks run compiled (False before compile_blocks and after an eager fallback)."""
+        return self._compiled_block is not None
+
+    def _run_compiled(self, *args) -> torch.Tensor:
+        if self._compiled_block is None:  # fell back to eager earlier in this call
+            return _call_block(*args)
+        if self.compile_fallback == "error":
+            return self._compiled_block(*args)
+        try:
+            return self._compiled_block(*args)
+        except _compile_errors() as err:
+            message = " ".join(str(err).split())  # dynamo's messages span lines: one line, the cause first
+            cause = f"{type(err).__name__}: {message[:400]}"
+            warnings.warn(f"torch.compile of the Wan blocks failed ({cause}); running them eager "
+                          "(compile_fallback=eager)", RuntimeWarning, stacklevel=3)
+            self.compile_failures.append(cause)
+            self._compiled_block = None
+            return _call_block(*args)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "WanModel":
         self.gradient_checkpointing = enabled
@@ -391,18 +458,18 @@ class WanModel(nn.Module):
         start_frame: int = 0,
         causal: bool = False,
     ) -> torch.Tensor:
-        """Predict the flow for latents ``x [B, C, F, H, W]``.
+        """Predict the flow for latents ``x [B, F, C, H, W]``.
 
         timestep: ``[B]`` (one per sample) or ``[B, F]`` (per latent frame), raw values in [0, 1000].
         context: text-encoder output ``[B, L, text_dim]`` or a :class:`TextContext`.
         kv_cache / start_frame: streaming mode; ``x`` holds frames ``[start_frame, start_frame + F)``.
         causal: block-causal attention over the whole sequence (``self.causal`` gives block/window/sink).
-        Returns the flow ``[B, out_dim, F, H, W]``.
+        Returns the flow ``[B, F, out_dim, H, W]``.
         """
         if kv_cache is not None and causal:
             raise ValueError("pass either kv_cache (streaming) or causal=True (whole sequence), not both")
         b = x.shape[0]
-        x = self.patch_embedding(x)
+        x = self.patch_embedding(x.transpose(1, 2))  # Conv3d wants [B, C, F, H, W]
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)
 
@@ -420,76 +487,70 @@ class WanModel(nn.Module):
         else:
             text, context_kv = self.embed_text(context), []
 
-        layout = _AttentionLayout(self.rope, grid, x.device)
-        if kv_cache is not None:
-            layout.step = kv_cache.begin(start_frame, grid[0])
-        elif causal:
-            self._block_causal_layout(layout)
-        else:
-            layout.q_freqs = layout.k_freqs = layout.freqs(range(grid[0]))
+        def freqs(frame_positions) -> torch.Tensor:
+            return self.rope.freqs(frame_positions, grid[1], grid[2], x.device)
 
+        if kv_cache is not None:  # the call's plan, made once for all layers
+            if kv_cache.batch_size != b:
+                raise ValueError(f"KV cache was allocated for batch {kv_cache.batch_size}, got a batch of {b}")
+            if self._compiled_block is not None:
+                kv_cache.mark_static_addresses()
+            step = kv_cache.begin(start_frame, grid[0])
+            layout = _AttentionLayout(freqs(step.query_positions))
+            if step.snapshot or kv_cache.k_rotated is None:  # the layers rotate every key they attend
+                layout.k_freqs = freqs(step.key_positions)
+            if step.refresh_rotated:  # new positions: rotate every layer's past keys once, here
+                past_freqs = freqs(step.past_positions) if step.past_slots else None  # None: nothing to rotate
+                kv_cache.rotate_past(step, lambda keys: apply_rope(keys, past_freqs))
+        elif causal:
+            layout = self._block_causal_layout(grid, x.device)
+        else:
+            layout = _AttentionLayout(freqs(range(grid[0])), freqs(range(grid[0])))
+
+        run = self._run_compiled if self._compiled_block is not None else _call_block
         for i, block in enumerate(self.blocks):
-            layer_kv = kv_cache.layer(i, layout.step) if kv_cache is not None else None
+            layer_kv = kv_cache.layer(i, step) if kv_cache is not None else None
             ckv = context_kv[i] if context_kv else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, e0, text, layout, layer_kv, ckv, use_reentrant=False)
             else:
-                x = block(x, e0, text, layout, layer_kv, ckv)
+                x = run(block, x, e0, text, layout, layer_kv, ckv)
             if layer_kv is not None:
                 layer_kv.commit()
         return self.unpatchify(self.head(x, e), grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """``[B, f*h*w, prod(patch)*C]`` -> ``[B, C, f*pt, h*ph, w*pw]``."""
+        """``[B, f*h*w, prod(patch)*C]`` -> ``[B, f*pt, C, h*ph, w*pw]``."""
         b, c = x.shape[0], self.config.out_dim
         pt, ph, pw = self.config.patch_size
         f, h, w = grid
         x = x.view(b, f, h, w, pt, ph, pw, c)
-        return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(b, c, f * pt, h * ph, w * pw)
+        return torch.einsum("bfhwpqrc->bfpchqwr", x).reshape(b, f * pt, c, h * ph, w * pw)
 
-    def _block_causal_layout(self, layout: _AttentionLayout) -> None:
-        """Dense mask + re-positioned sink copies that make one pass equal chunk-by-chunk streaming.
-
-        Queries and window keys use absolute frame positions: inside the window, query-key offsets equal the
-        streaming (window-relative) ones. Sink keys sit at positions 0..S-1 of every window, so each query
-        block gets its own copy of the sink rotated to where that window would put it. The sink is the first
-        frames verbatim (the reference's training-time cache, which never evicts); EMA folding only happens
-        on evictions in a streaming cache.
-        """
-        spec = self.causal
-        f, h, w = layout.grid
+    def _block_causal_layout(self, grid: tuple[int, int, int], device) -> _AttentionLayout:
+        """The block-causal plan of ``kv_cache.block_causal_plan`` in tokens: queries and keys at absolute
+        frame positions, one re-positioned copy of the sink per chunk, and the token-level mask (dense, or a
+        flex ``BlockMask`` that skips masked tiles)."""
+        f, h, w = grid
         tokens = h * w
-        sink, block = spec.sink_frames, spec.frames_per_block
-        ring = math.inf if spec.local_attn_size == -1 else spec.local_attn_size - sink
-        device = layout.device
-        layout.q_freqs = layout.k_freqs = layout.freqs(range(f))
-        frame_mask = torch.zeros(f, f, dtype=torch.bool)
-        sink_masks = []
-        for start in range(0, f, block):
-            end = min(start + block, f)
-            first_window = max(sink, end - ring) if ring != math.inf else sink
-            frame_mask[start:end, max(first_window, sink):end] = True
-            n_sink = min(sink, end)
-            if n_sink:
-                held = list(range(n_sink)) + list(range(max(first_window, sink), end))
-                offset = start - rank_positions(held)[start]  # absolute - window-relative query position
-                frame_ids = torch.arange(n_sink, device=device)
-                token_ids = (frame_ids[:, None] * tokens + torch.arange(tokens, device=device)).reshape(-1)
-                layout.sink_groups.append((token_ids, layout.freqs([j + offset for j in range(n_sink)])))
-                m = torch.zeros(f, n_sink, dtype=torch.bool)
-                m[start:end] = True
-                sink_masks.append(m)
-        frame_mask = torch.cat([frame_mask, *sink_masks], dim=1)
+        plan = block_causal_plan(self.causal, f)
+        freqs = self.rope.freqs(range(f), h, w, device)
+        layout = _AttentionLayout(freqs, freqs)
+        frame_tokens = torch.arange(tokens, device=device)
+        for copy in plan.sink_copies:
+            token_ids = (torch.tensor(copy.frames, device=device)[:, None] * tokens + frame_tokens).reshape(-1)
+            layout.sink_groups.append((token_ids, self.rope.freqs(copy.positions, h, w, device)))
         if use_flex_for_masks(device):
-            layout.mask = frame_block_mask(frame_mask, tokens, device)
+            layout.mask = frame_block_mask(plan.frame_mask, tokens, device)
         else:
-            layout.mask = frame_mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1).to(device)
+            layout.mask = plan.frame_mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1).to(device)
+        return layout
 
 
 # ------------------------------------------------------------------------------------ initialisers
 @torch.no_grad()
 def init_weights_(model: WanModel) -> WanModel:
-    """The reference initialisation (spec 1.6): Xavier Linear/patch weights, zero biases, N(0, .02) embeddings,
+    """The reference initialisation: Xavier Linear/patch weights, zero biases, N(0, .02) embeddings,
     zero head weight - so a fresh model predicts flow 0."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
