@@ -5,9 +5,10 @@ line i is an LLM-expanded version of line i. The model is conditioned on the ext
 the output video is named after the original, short prompt and its line number, so results can be
 matched to the benchmark list line by line.
 
-Fixes relative to the reference (spec 3.5 / 4.9): inference shards prompts across ranks without
+Fixes relative to the reference (docs/differences.md): inference shards prompts across ranks without
 dropping the tail (the reference's ``drop_last=True`` loses 3 of 1003 MovieGen prompts on 8 GPUs),
-and the training sampler reshuffles every epoch and can be checkpointed and resumed.
+and the training sampler reshuffles every epoch and can be checkpointed and resumed, also on another
+number of ranks.
 """
 from __future__ import annotations
 
@@ -107,13 +108,17 @@ def shard_for_rank(items: Sequence[T], rank: int, world_size: int) -> list[T]:
 class PromptSampler(Generic[T]):
     """Infinite, seeded, resumable stream of items for one rank of a training job.
 
-    Epoch ``e`` uses the permutation drawn with seed ``seed + e`` (the same on every rank), so each
-    epoch has a new order, unlike the reference whose order repeats. Ranks take strided slices of it
-    and are therefore disjoint. When ``len(items)`` is not a multiple of ``world_size`` the
-    permutation is padded with its own first items (as ``DistributedSampler(drop_last=False)``
-    does), so all ranks see the same number of items per epoch and change epoch in step; only those
-    few padded items are seen twice in that epoch. ``state_dict()`` / ``load_state_dict()`` record
-    ``(epoch, position)`` so a resumed job continues with the very next item.
+    Epoch ``e`` walks the permutation drawn with seed ``seed + e`` (the same on every rank), so each epoch has
+    a new order, unlike the reference whose order repeats. Ranks take strided slices of it and are therefore
+    disjoint: after every rank took ``k`` items, exactly the first ``k * world_size`` items of the permutation
+    are used. When the items left are not a multiple of ``world_size`` they are padded with the permutation's
+    own first items (as ``DistributedSampler(drop_last=False)`` does), so all ranks see the same number of
+    items per epoch and change epoch in step; only those few padded items are seen twice in that epoch.
+
+    ``state_dict()`` / ``load_state_dict()`` record where the epoch stands, so a resumed job continues with
+    the very next item. A job resumed on a different number of ranks re-partitions what is left of the
+    current epoch among its ranks (no item of the epoch is skipped or repeated, beyond padding) and then
+    continues with whole epochs.
     """
 
     def __init__(self, items: Sequence[T], *, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -124,20 +129,26 @@ class PromptSampler(Generic[T]):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.items = list(items)
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.per_rank = -(-len(self.items) // world_size)  # ceil
         self.epoch = 0
-        self.position = 0  # index of the next item within this rank's shard of the epoch
+        self.start = 0  # items of this epoch's permutation used before the current partition (a resume)
+        self.position = 0  # index of the next item within this rank's part of the partition
         self._shard: list[int] | None = None
 
-    def _epoch_indices(self, epoch: int) -> list[int]:
+    @property
+    def per_rank(self) -> int:
+        """Items each rank takes from the current partition of the epoch."""
+        return -(-(len(self.items) - self.start) // self.world_size)  # ceil
+
+    def _epoch_indices(self) -> list[int]:
         n = len(self.items)
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + epoch)
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(n, generator=gen).tolist()
         else:
             order = list(range(n))
+        left = order[self.start:]
         total = self.per_rank * self.world_size
-        padded = (order * (-(-total // n)))[:total]
+        padded = left + order[:total - len(left)]
         return padded[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[T]:
@@ -146,32 +157,39 @@ class PromptSampler(Generic[T]):
     def __next__(self) -> T:
         if self.position >= self.per_rank:
             self.epoch += 1
-            self.position = 0
+            self.start = self.position = 0
             self._shard = None
         if self._shard is None:
-            self._shard = self._epoch_indices(self.epoch)
+            self._shard = self._epoch_indices()
         item = self.items[self._shard[self.position]]
         self.position += 1
         return item
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_items": len(self.items), "world_size": self.world_size, "rank": self.rank,
-                "shuffle": self.shuffle}
+        return {"epoch": self.epoch, "start": self.start, "position": self.position, "seed": self.seed,
+                "num_items": len(self.items), "world_size": self.world_size, "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from ``state_dict()``; refuses a state from a different prompt list or job layout,
-        since (epoch, position) would then point at different prompts."""
-        for key, mine in (("num_items", len(self.items)), ("world_size", self.world_size),
-                          ("seed", self.seed), ("shuffle", self.shuffle)):
+        """Resume from ``state_dict()`` of any rank (all ranks stand at the same position). Refuses a state
+        from a different prompt list, seed or order, since the position would then point at other prompts."""
+        for key, mine in (("num_items", len(self.items)), ("seed", self.seed), ("shuffle", self.shuffle)):
             if key in state and state[key] != mine:
                 raise ValueError(
                     f"cannot resume PromptSampler: saved {key}={state[key]!r} but this run has {mine!r}. "
-                    f"Use the same prompt file, seed and number of processes, or start the sampler fresh."
+                    f"Use the same prompt file and seed, or start the sampler fresh."
                 )
-        position = int(state["position"])
-        if not 0 <= position <= self.per_rank:
-            raise ValueError(f"saved position {position} is outside 0..{self.per_rank}")
-        self.epoch = int(state["epoch"])
-        self.position = position
+        saved_world = int(state.get("world_size", self.world_size))
+        epoch, start, position = int(state["epoch"]), int(state.get("start", 0)), int(state["position"])
+        saved_per_rank = -(-(len(self.items) - start) // saved_world)
+        if not 0 <= start < len(self.items) or not 0 <= position <= saved_per_rank:
+            raise ValueError(f"saved sampler position (start {start}, position {position}) is outside this "
+                             f"prompt list of {len(self.items)} items")
+        self.epoch, self.start, self.position = epoch, start, position
+        if saved_world != self.world_size:
+            used = start + position * saved_world  # the saved ranks took a prefix of the epoch's permutation
+            if used >= len(self.items):
+                self.epoch, self.start = epoch + 1, 0
+            else:
+                self.start = used
+            self.position = 0
         self._shard = None

@@ -7,7 +7,6 @@ import pytest
 from reward_forcing.data import Prompt, PromptSampler, read_prompts, shard_for_rank
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_PROMPTS = REPO_ROOT.parent / "shared" / "data" / "prompts"
 
 
 def write(path, text):
@@ -52,12 +51,31 @@ def test_read_prompts_errors(tmp_path):
         read_prompts(f, tmp_path / "ext.txt")
 
 
-@pytest.mark.parametrize("name,count", [("MovieGenVideoBench", 1003), ("all_dimension", 946)])
-def test_public_prompt_lists(name, count):
-    base = SHARED_PROMPTS / f"{name}.txt"
+def test_benchmark_style_pair(tmp_path):
+    """A short list and its LLM-extended twin, shaped like the public benchmark lists: long lines with commas,
+    quotes and non-ASCII text, UTF-8, final newline. Line i of one pairs with line i of the other."""
+    short = ["A red fox trots across fresh snow at dawn, breath steaming.",
+             'A barista pours latte art shaped like a "fern" into a white cup.',
+             "Waves roll onto a black-sand beach in Vík, slow motion."]
+    extended = [s + " " + ", ".join(["the camera glides slowly", "soft light", "fine detail"] * 30) for s in short]
+    base = write(tmp_path / "bench.txt", "\n".join(short) + "\n")
+    ext = write(tmp_path / "bench_extended.txt", "\n".join(extended) + "\n")
+    prompts = read_prompts(base, ext)
+    assert [(p.index, p.text, p.conditioning) for p in prompts] == list(zip(range(3), short, extended))
+    assert all(len(p.conditioning) > 500 for p in prompts)
+    with pytest.raises(ValueError, match="2 lines"):  # a truncated twin is refused, not silently zipped
+        read_prompts(base, write(tmp_path / "cut_extended.txt", "\n".join(extended[:2]) + "\n"))
+
+
+@pytest.mark.parametrize("relpath", ["MovieGenVideoBench.txt", "vbench/all_dimension.txt"])
+def test_public_prompt_lists_if_fetched(relpath):
+    """Optional: the real lists, only where `python scripts/fetch_prompts.py` has put them into prompts/."""
+    base = REPO_ROOT / "prompts" / relpath
     if not base.is_file():
-        pytest.skip(f"{base} not present")
-    prompts = read_prompts(base, SHARED_PROMPTS / f"{name}_extended.txt")
+        pytest.skip(f"optional: {base} is not fetched (python scripts/fetch_prompts.py); "
+                    "test_benchmark_style_pair covers the same reading rules")
+    count = _fetch_module().FILES[relpath]
+    prompts = read_prompts(base, base.with_name(base.stem + "_extended.txt"))
     assert len(prompts) == count
     assert [p.index for p in prompts] == list(range(count))
     assert all(p.text and p.extended for p in prompts)
@@ -122,13 +140,41 @@ def test_sampler_resume():
     assert take(resumed, 11) == expected[9:]
 
 
-def test_sampler_resume_refuses_other_layout():
+@pytest.mark.parametrize("new_world", [1, 3, 4])
+def test_sampler_resume_on_another_number_of_ranks_repartitions_the_epoch(new_world):
+    items = list(range(23))
+    old = [PromptSampler(items, rank=r, world_size=2, seed=5) for r in range(2)]
+    seen = [x for _ in range(4) for s in old for x in take(s, 1)]  # 4 steps on 2 ranks: 8 items of epoch 0
+    state = old[0].state_dict()  # all ranks stand at the same position; the trainer saves rank 0's
+    new = [PromptSampler(items, rank=r, world_size=new_world, seed=5) for r in range(new_world)]
+    for s in new:
+        s.load_state_dict(state)
+    per_rank = -(-15 // new_world)
+    rest = [x for s in new for x in take(s, per_rank)]
+    assert sorted(set(seen + rest)) == items  # the epoch is completed: nothing skipped
+    assert len(seen + rest) == 8 + per_rank * new_world  # repeats only as padding, as in any uneven epoch
+    assert all(s.epoch == 0 for s in new)
+    # Then whole epochs on the new layout, as a fresh sampler with this many ranks has them.
+    fresh = [PromptSampler(items, rank=r, world_size=new_world, seed=5) for r in range(new_world)]
+    for s_new, s_fresh in zip(new, fresh):
+        take(s_fresh, -(-23 // new_world))
+        assert take(s_new, 5) == take(s_fresh, 5) and s_new.epoch == 1
+
+
+def test_sampler_resume_on_another_number_of_ranks_at_the_end_of_an_epoch():
+    done = PromptSampler(list(range(7)), world_size=2, seed=5)
+    take(done, 4)  # 2 ranks x 4 = the whole (padded) epoch
+    resumed = PromptSampler(list(range(7)), world_size=3, seed=5)
+    resumed.load_state_dict(done.state_dict())
+    assert (resumed.epoch, resumed.start, resumed.position) == (1, 0, 0)
+
+
+def test_sampler_resume_refuses_another_prompt_list_or_seed():
     s = PromptSampler(list(range(7)), world_size=2, seed=5)
-    other = PromptSampler(list(range(7)), world_size=4, seed=5)
-    with pytest.raises(ValueError, match="world_size=2"):
-        other.load_state_dict(s.state_dict())
     with pytest.raises(ValueError, match="num_items"):
         PromptSampler(list(range(8)), world_size=2, seed=5).load_state_dict(s.state_dict())
+    with pytest.raises(ValueError, match="seed"):
+        PromptSampler(list(range(7)), world_size=2, seed=6).load_state_dict(s.state_dict())
 
 
 def test_sampler_no_shuffle_and_prompts():

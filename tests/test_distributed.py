@@ -1,4 +1,5 @@
-"""Distributed glue: single-process paths (no process group) and one 2-process gloo run of FSDP2 + DCP."""
+"""Parallelism, sharded EMA and checkpointing: single-process paths (no process group) and one 2-process gloo run
+of FSDP2 + DCP."""
 import copy
 import os
 import socket
@@ -9,18 +10,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from reward_forcing.training import distributed as D
-from reward_forcing.training.distributed import (
-    ShardedEMA,
+from reward_forcing.training import checkpointing
+from reward_forcing.training.checkpointing import (
+    full_state_dict,
+    latest_checkpoint,
+    list_checkpoints,
+    load_training_state,
+    prune_checkpoints,
+    remove_leftovers,
+    save_training_state,
+)
+from reward_forcing.training.ema import ShardedEMA
+from reward_forcing.training.parallel import (
+    all_reduce_sum,
+    barrier,
     broadcast_int,
     broadcast_object,
-    clip_grad_norm_,
-    full_state_dict,
+    cleanup,
     init_distributed,
-    load_training_state,
-    save_training_state,
     seed_everything,
-    shard_frozen,
     shard_model,
 )
 
@@ -41,12 +49,16 @@ class Toy(nn.Module):
 
 
 def _train_step(model, opt, x, y, max_norm=0.05):
+    """One step as the trainer takes it: torch's clip_grad_norm_ (FSDP2 DTensor gradients: the norm over all
+    ranks' shards, returned as a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
     loss = nn.functional.mse_loss(model(x), y)
     loss.backward()
-    norm = clip_grad_norm_(model.parameters(), max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return norm
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
 
 
 def _adamw(model):
@@ -68,8 +80,10 @@ def test_single_process_init_and_helpers(no_torchrun_env):
     assert info.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert broadcast_object({"a": 1}) == {"a": 1}
     assert broadcast_int(7) == 7
-    D.barrier()
-    D.cleanup()
+    values = torch.tensor([1.5, 2.0])
+    assert torch.equal(all_reduce_sum(values), values.double())
+    barrier()
+    cleanup()
 
 
 def test_seed_everything_deterministic():
@@ -88,18 +102,11 @@ def test_shard_model_single_process_returns_module_unchanged(no_torchrun_env):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert shard_model(model, mixed_precision=True) is model
     assert all(p.dtype == torch.float32 and type(p) is nn.Parameter for p in model.parameters())
-    frozen = shard_frozen(Toy())
-    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     sd = full_state_dict(model)
     assert list(sd) == list(before)
     for k in before:
         torch.testing.assert_close(sd[k], before[k])
         assert sd[k].data_ptr() != model.state_dict()[k].data_ptr()  # a copy, not the live weights
-
-
-def test_clean_key():
-    assert D.clean_key("_fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.w") == "blocks.0.w"
-    assert D.clean_key("_orig_mod.head.bias") == "head.bias"
 
 
 def test_ema_math_decay_099():
@@ -118,8 +125,7 @@ def test_ema_math_decay_099():
     assert ema.num_updates == 2
     full = ema.full_state_dict(model)
     assert list(full) == ["weight"] and full["weight"].dtype == torch.float32
-    ema.copy_to(model)
-    torch.testing.assert_close(model.weight.detach(), torch.tensor([[1.0398, 1.9602]]))
+    torch.testing.assert_close(full["weight"], torch.tensor([[1.0398, 1.9602]]))
     with pytest.raises(ValueError, match="parameters"):
         ema.update(nn.Linear(2, 2), 0.99)
 
@@ -131,19 +137,6 @@ def test_ema_bf16_module_keeps_fp32_shadow():
     ema.update(model, 0.5)
     full = ema.full_state_dict(model)
     assert set(full) == {"weight", "bias"} and full["weight"].dtype == torch.float32
-
-
-def test_clip_grad_norm_plain():
-    model = nn.Linear(3, 2)
-    model(torch.randn(4, 3)).pow(2).sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()
-    norm = clip_grad_norm_(model.parameters(), 0.1)
-    assert isinstance(norm, float) and norm == pytest.approx(expected, rel=1e-6)
-    clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])).item()
-    assert clipped == pytest.approx(0.1, rel=1e-4)
-    assert clip_grad_norm_(model.parameters(), None) == pytest.approx(clipped, rel=1e-6)
-    assert clip_grad_norm_([nn.Parameter(torch.ones(1))], 1.0) == 0.0  # no grads
 
 
 def test_save_load_round_trip_single_process(tmp_path, no_torchrun_env):
@@ -197,20 +190,18 @@ def test_load_errors(tmp_path, no_torchrun_env):
         load_training_state(tmp_path / "c", {"critic": model})
     with pytest.raises(ValueError, match="no model of the same name"):
         save_training_state(tmp_path / "d", models={"gen": model}, optimizers={"critic": _adamw(model)})
-    with pytest.raises(FileExistsError):
-        save_training_state(tmp_path / "c", models={"gen": model}, overwrite=False)
 
 
 def test_atomic_save_failure_leaves_nothing(tmp_path, monkeypatch, no_torchrun_env):
     model = Toy()
     save_training_state(tmp_path / "ckpt", models={"gen": model}, extra={"step": 1})
-    real_save = D.dcp.save
+    real_save = checkpointing.dcp.save
 
     def half_save(state, *, checkpoint_id, **kwargs):
         real_save(state, checkpoint_id=checkpoint_id, **kwargs)  # files written ...
         raise OSError("disk full")  # ... then the job dies
 
-    monkeypatch.setattr(D.dcp, "save", half_save)
+    monkeypatch.setattr(checkpointing.dcp, "save", half_save)
     with pytest.raises(OSError, match="disk full"):
         save_training_state(tmp_path / "ckpt", models={"gen": model}, extra={"step": 2})
     with pytest.raises(OSError, match="disk full"):
@@ -220,10 +211,42 @@ def test_atomic_save_failure_leaves_nothing(tmp_path, monkeypatch, no_torchrun_e
     assert load_training_state(tmp_path / "ckpt", {"gen": model}) == {"step": 1}
 
     # A failure while writing extra (unpicklable value) also leaves nothing behind.
-    monkeypatch.setattr(D.dcp, "save", real_save)
+    monkeypatch.setattr(checkpointing.dcp, "save", real_save)
     with pytest.raises(Exception):
         save_training_state(tmp_path / "new", models={"gen": model}, extra={"bad": lambda: 0})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_killed_save_is_never_a_candidate_and_is_cleaned(tmp_path, monkeypatch, no_torchrun_env):
+    model = Toy()
+    save_training_state(tmp_path / "step_000002", models={"gen": model}, extra={"step": 2})
+    real_save = checkpointing.dcp.save
+
+    def killed(state, *, checkpoint_id, **kwargs):
+        real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+        raise KeyboardInterrupt  # like a signal mid-save: no error handling runs, the folder stays
+
+    monkeypatch.setattr(checkpointing.dcp, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_state(tmp_path / "step_000004", models={"gen": model}, extra={"step": 4})
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "step_000002"]
+    assert len(leftovers) == 1 and (leftovers[0] / ".metadata").is_file()  # DCP's part was complete
+    assert list_checkpoints(tmp_path) == [tmp_path / "step_000002"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_000002"
+    assert load_training_state(latest_checkpoint(tmp_path), {"gen": model}) == {"step": 2}
+    assert remove_leftovers(tmp_path) == leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002"]
+
+
+def test_keep_last_checkpoints_by_step_number(tmp_path, no_torchrun_env):
+    model = Toy()
+    for step in (9, 10, 100):  # numeric order differs from name order ("step_10" < "step_9")
+        save_training_state(tmp_path / f"step_{step}", models={"gen": model}, extra={"step": step})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_9", "step_10", "step_100"]
+    assert prune_checkpoints(tmp_path, None) == []
+    assert prune_checkpoints(tmp_path, 2) == [tmp_path / "step_9"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_100"]
+    assert prune_checkpoints(tmp_path, 2) == []
 
 
 # ============================================================================ two processes, gloo
@@ -234,92 +257,99 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, ckpt_dir: str) -> None:
-    from torch.distributed.tensor import DTensor
-
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     info = init_distributed(backend="gloo")
     try:
-        assert info.world_size == world and info.rank == rank and dist.get_backend() == "gloo"
-        assert broadcast_int(11 if rank == 0 else -1) == 11
-        assert broadcast_object("r0" if rank == 0 else None) == "r0"
-
-        torch.manual_seed(0)
-        model = Toy()
-        ref = copy.deepcopy(model)  # the single-process computation, on every rank
-        torch.manual_seed(1)
-        x, y = torch.randn(4, 5), torch.randn(4, 3)
-        half = slice(2 * rank, 2 * rank + 2)  # each rank its half of the batch
-
-        shard_model(model, mixed_precision=False)
-        w = model.blocks[0].weight
-        assert isinstance(w, DTensor) and w.to_local().shape[0] == (3, 2)[rank]  # uneven shards
-
-        opt, ref_opt = _adamw(model), _adamw(ref)
-        ema = ShardedEMA(model)
-        ref_ema = {n: p.detach().clone() for n, p in ref.named_parameters()}
-        for _ in range(2):
-            norm = _train_step(model, opt, x[half], y[half])
-            ref_norm = _train_step(ref, ref_opt, x, y)  # FSDP averages the two half-batch gradients
-            assert norm == pytest.approx(ref_norm, rel=1e-5)
-            ema.update(model, 0.9)
-            for n, p in ref.named_parameters():
-                ref_ema[n] = 0.9 * ref_ema[n] + 0.1 * p.detach()
-
-        full = full_state_dict(model)
-        ema_full = ema.full_state_dict(model)
-        if rank == 0:
-            assert list(full) == list(ref.state_dict())  # clean keys: blocks.0.weight, ..., scale
-            for k, v in ref.state_dict().items():
-                torch.testing.assert_close(full[k], v, atol=1e-6, rtol=1e-5)
-                assert not isinstance(full[k], DTensor) and full[k].device.type == "cpu"
-            assert set(ema_full) == set(ref_ema) | {"scale"}
-            for k, v in ref_ema.items():
-                torch.testing.assert_close(ema_full[k], v, atol=1e-6, rtol=1e-5)
-        else:
-            assert full == {} and ema_full == {}
-
-        save_training_state(ckpt_dir, models={"gen": model}, optimizers={"gen": opt},
-                            extra={"step": 2}, stateful={"ema": ema})
-        assert sorted(os.listdir(Path(ckpt_dir).parent)) == [Path(ckpt_dir).name]
-
-        torch.manual_seed(100 + rank)  # a deliberately different fresh model
-        model2 = shard_model(Toy(), mixed_precision=False)
-        opt2 = _adamw(model2)
-        ema2 = ShardedEMA(model2)
-        extra = load_training_state(ckpt_dir, {"gen": model2}, {"gen": opt2}, stateful={"ema": ema2})
-        assert extra == {"step": 2} and ema2.num_updates == 2
-        for a, b in zip(model.parameters(), model2.parameters()):
-            assert torch.equal(a.to_local(), b.to_local())
-        for a, b in zip(ema.shadow, ema2.shadow):
-            assert torch.equal(a, b)
-        # Same next step on original and reloaded => optimizer state restored; still equals the reference.
-        _train_step(model, opt, x[half], y[half])
-        _train_step(model2, opt2, x[half], y[half])
-        _train_step(ref, ref_opt, x, y)
-        full2 = {k: v.full_tensor() for k, v in model2.state_dict().items() if isinstance(v, DTensor)}
-        gathered = [None] * world
-        dist.all_gather_object(gathered, full2)
-        for k, v in full2.items():
-            torch.testing.assert_close(gathered[0][k], gathered[1][k], rtol=0, atol=0)  # ranks agree
-            torch.testing.assert_close(v, ref.state_dict()[k], atol=1e-6, rtol=1e-5)
-        for a, b in zip(model.parameters(), model2.parameters()):
-            assert torch.equal(a.to_local(), b.to_local())
-
-        # Mixed precision: bf16 compute (gloo all-gathers bf16), fp32 master shards and gradients.
-        mp_model = shard_model(Toy(), mixed_precision=True)
-        out = mp_model(x[half].bfloat16())
-        assert out.dtype == torch.bfloat16
-        out.float().sum().backward()
-        p = mp_model.head.weight
-        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32 and isinstance(p.grad, DTensor)
-        frozen = shard_frozen(Toy())
-        assert not any(q.requires_grad for q in frozen.parameters())
-        with torch.no_grad():
-            assert frozen(x[half].bfloat16()).dtype == torch.bfloat16
+        _two_rank_checks(info, rank, world, ckpt_dir)
     finally:
-        D.cleanup()
+        cleanup()  # after the checks returned, so their sharded models are released (see cleanup)
+
+
+def _two_rank_checks(info, rank: int, world: int, ckpt_dir: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    assert info.world_size == world and info.rank == rank and dist.get_backend() == "gloo"
+    assert broadcast_int(11 if rank == 0 else -1) == 11
+    assert broadcast_object("r0" if rank == 0 else None) == "r0"
+
+    torch.manual_seed(0)
+    model = Toy()
+    ref = copy.deepcopy(model)  # the single-process computation, on every rank
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    half = slice(2 * rank, 2 * rank + 2)  # each rank its half of the batch
+
+    shard_model(model, mixed_precision=False)
+    w = model.blocks[0].weight
+    assert isinstance(w, DTensor) and w.to_local().shape[0] == (3, 2)[rank]  # uneven shards
+
+    opt, ref_opt = _adamw(model), _adamw(ref)
+    ema = ShardedEMA(model)
+    ref_ema = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    for _ in range(2):
+        norm = _train_step(model, opt, x[half], y[half])
+        ref_norm = _train_step(ref, ref_opt, x, y)  # FSDP averages the two half-batch gradients
+        assert norm == pytest.approx(ref_norm, rel=1e-5)
+        ema.update(model, 0.9)
+        for n, p in ref.named_parameters():
+            ref_ema[n] = 0.9 * ref_ema[n] + 0.1 * p.detach()
+
+    full = full_state_dict(model)
+    ema_full = ema.full_state_dict(model)
+    if rank == 0:
+        assert list(full) == list(ref.state_dict())  # clean keys: blocks.0.weight, ..., scale
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(full[k], v, atol=1e-6, rtol=1e-5)
+            assert not isinstance(full[k], DTensor) and full[k].device.type == "cpu"
+        assert set(ema_full) == set(ref_ema) | {"scale"}
+        for k, v in ref_ema.items():
+            torch.testing.assert_close(ema_full[k], v, atol=1e-6, rtol=1e-5)
+    else:
+        assert full == {} and ema_full == {}
+
+    save_training_state(ckpt_dir, models={"gen": model}, optimizers={"gen": opt},
+                        extra={"step": 2}, stateful={"ema": ema})
+    assert sorted(os.listdir(Path(ckpt_dir).parent)) == [Path(ckpt_dir).name]
+
+    torch.manual_seed(100 + rank)  # a deliberately different fresh model
+    model2 = shard_model(Toy(), mixed_precision=False)
+    opt2 = _adamw(model2)
+    ema2 = ShardedEMA(model2)
+    extra = load_training_state(ckpt_dir, {"gen": model2}, {"gen": opt2}, stateful={"ema": ema2})
+    assert extra == {"step": 2} and ema2.num_updates == 2
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a.to_local(), b.to_local())
+    for a, b in zip(ema.shadow, ema2.shadow):
+        assert torch.equal(a, b)
+    # Same next step on original and reloaded => optimizer state restored; still equals the reference.
+    _train_step(model, opt, x[half], y[half])
+    _train_step(model2, opt2, x[half], y[half])
+    _train_step(ref, ref_opt, x, y)
+    full2 = {k: v.full_tensor() for k, v in model2.state_dict().items() if isinstance(v, DTensor)}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, full2)
+    for k, v in full2.items():
+        torch.testing.assert_close(gathered[0][k], gathered[1][k], rtol=0, atol=0)  # ranks agree
+        torch.testing.assert_close(v, ref.state_dict()[k], atol=1e-6, rtol=1e-5)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a.to_local(), b.to_local())
+
+    # Mixed precision: bf16 compute (gloo all-gathers bf16), fp32 master shards and gradients.
+    mp_model = shard_model(Toy(), mixed_precision=True)
+    out = mp_model(x[half].bfloat16())
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    p = mp_model.head.weight
+    assert p.dtype == torch.float32 and p.grad.dtype == torch.float32 and isinstance(p.grad, DTensor)
+    frozen = shard_model(Toy().requires_grad_(False), mixed_precision=True)
+    assert not any(q.requires_grad for q in frozen.parameters())
+    with torch.no_grad():
+        assert frozen(x[half].bfloat16()).dtype == torch.bfloat16
+    # Logged means: every rank's sums add up.
+    total = all_reduce_sum(torch.tensor([float(rank + 1), 1.0]))
+    assert total.tolist() == [3.0, 2.0]
 
 
 def test_two_process_gloo_fsdp2_dcp(tmp_path):

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from reward_forcing.build import build_training_models
 from reward_forcing.config import load_config
-from reward_forcing.training import distributed as dist_utils
+from reward_forcing.training import parallel
+from reward_forcing.training.build import build_training_models
 from reward_forcing.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,21 +26,25 @@ def checksum(module) -> float:
     return float(total)
 
 
-def main(logdir: str, *overrides: str) -> None:
-    info = dist_utils.init_distributed()
-    cfg = load_config(REPO / "configs" / "tiny.yaml", list(overrides))
-    models = build_training_models(cfg)
-    models.generator = dist_utils.shard_model(models.generator, mixed_precision=False)
-    models.critic = dist_utils.shard_model(models.critic, mixed_precision=False)
-    models.teacher = dist_utils.shard_frozen(models.teacher, mixed_precision=False)
+def train_and_check(info: parallel.DistInfo, logdir: str, overrides: list[str]) -> None:
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    models = parallel.parallelize(build_training_models(cfg), cfg, info)  # as train.py does
     prompts = ["a fox runs", "a car drives", "waves crash", "a bird flies", "a dancer spins"]
     trainer = Trainer(cfg, models, prompts, logdir, dist=info)
     trainer.train()
     sums = [None] * info.world_size
-    dist.all_gather_object(sums, {"generator": checksum(models.generator), "critic": checksum(models.critic)})
+    dist.all_gather_object(sums, {"generator": checksum(models.generator), "critic": checksum(models.critic),
+                                  "sharded": hasattr(models.generator.head.head.weight, "full_tensor")})
     if info.is_main:
         (Path(logdir) / "ranks.json").write_text(json.dumps({"ranks": sums, "step": trainer.step}))
-    dist_utils.cleanup()
+
+
+def main(logdir: str, *overrides: str) -> None:
+    info = parallel.init_distributed()
+    try:
+        train_and_check(info, logdir, list(overrides))
+    finally:
+        parallel.cleanup()  # after train_and_check returned, so the sharded models are released
 
 
 if __name__ == "__main__":

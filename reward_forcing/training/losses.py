@@ -6,7 +6,7 @@ Conventions: latents are frame-major ``[B, F, C, H, W]`` (any ``[B, ...]`` works
 the batch dimension is reduced over), the scores return x0-predictions, and the flow is
 ``v = noise - x0`` (see :mod:`reward_forcing.schedule`).
 
-Re-DMD in one line (reference ``ReDMD.generator_loss``, spec section 4.6)::
+Re-DMD in one line (reference ``ReDMD.generator_loss``; docs/reference.md, Training)::
 
     g    = (x0_fake - x0_real) / mean_{F,C,H,W} |x - x0_real|       # normalised DMD gradient
     L    = 0.5 * exp(beta * MQ) * mean((x - sg(x - g))^2)             # dL/dx = exp(beta MQ) g / numel
@@ -96,7 +96,7 @@ def reward_weights(
 
     ``reward`` is a constant here (the reward model only scores the decoded video), so it is detached.
     ``None`` or ``beta == 0`` gives all-ones weights (plain DMD). A scalar / 1-element reward is shared by
-    the batch. ``"first_sample"`` reproduces the reference (spec section 8, item 10): only sample 0 is
+    the batch. ``"first_sample"`` reproduces the reference (docs/reference.md, quirk 10): only sample 0 is
     scored and its weight multiplies every sample's loss.
     """
     if reward_weighting not in ("per_sample", "first_sample"):

@@ -1,6 +1,7 @@
 """The self-forcing rollout: the student generates a whole video the way it will at inference.
 
-Block by block against its own KV cache (spec 4.6): for one random exit step ``e`` (shared by every block, and by
+Block by block against its own KV cache, through the same block loop as inference
+(:class:`~reward_forcing.denoising.BlockDenoiser`): for one random exit step ``e`` (shared by every block, and by
 every rank), steps ``k < e`` run without grad exactly like inference (predict x0, re-noise to the next step); step
 ``e`` runs **with** grad and its x0 is the block; then a no-grad context pass writes the clean block into the
 cache. Gradients therefore flow only through each block's own exit forward - earlier blocks enter as no-grad
@@ -14,16 +15,14 @@ recomputes the same values whatever order autograd recomputes blocks in.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..denoising import BlockDenoiser, NoiseSource
 from ..models.kv_cache import CausalSpec
 from ..models.wan import WanModel
 from ..schedule import FlowMatchSchedule
-
-NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
 
 
 @dataclass
@@ -36,10 +35,6 @@ class RolloutConfig:
     sink_policy: str = "static"  # cache policy during the rollout (see the module docstring)
 
 
-def _bfchw(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 1, 3, 4)
-
-
 def rollout(
     generator: WanModel,
     schedule: FlowMatchSchedule,
@@ -49,7 +44,7 @@ def rollout(
     *,
     exit_step: int,
     grad: bool = True,
-    draw: NoiseFn | None = None,
+    draw: NoiseSource | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Generate ``noise.shape[1]`` latent frames; returns ``[B, F, C, h, w]`` (with grad through exit forwards).
@@ -68,32 +63,14 @@ def rollout(
     block = spec.frames_per_block
     if frames % block:
         raise ValueError(f"{frames} latent frames is not a multiple of the {block}-frame block")
-    device, dtype = noise.device, compute_dtype or generator.patch_embedding.weight.dtype
-    cache = generator.new_kv_cache(batch, h, w, spec=spec, max_frames=frames, device=device, dtype=dtype)
+    device = noise.device
+    denoiser = BlockDenoiser(generator, schedule, cfg.timesteps, context_noise=cfg.context_noise,
+                             reference_context_noise=cfg.reference_context_noise, compute_dtype=compute_dtype)
+    cache = generator.new_kv_cache(batch, h, w, spec=spec, max_frames=frames, device=device, dtype=denoiser.dtype)
     # Every call gets the raw context and goes through forward(): under FSDP2 the root's parameters (text
     # MLP) are only gathered inside forward, so precomputing cross-attention K/V outside it is not possible.
-    text = context.to(dtype)
-
-    def call(x, t, start):
-        timestep = torch.full((batch, x.shape[1]), float(t), device=device)
-        flow = _bfchw(generator(_bfchw(x.to(dtype)), timestep, text, kv_cache=cache, start_frame=start))
-        return schedule.flow_to_x0(flow, x.to(flow.dtype), timestep)
-
-    blocks = []
-    for start in range(0, frames, block):
-        x = noise[:, start:start + block]
-        with torch.no_grad():
-            for k in range(exit_step):
-                x0 = call(x, cfg.timesteps[k], start)
-                t_next = torch.full((batch, block), cfg.timesteps[k + 1], device=device)
-                x = schedule.add_noise(x0, draw(tuple(x0.shape)).to(x0.dtype), t_next)
-        with torch.set_grad_enabled(grad):
-            x0 = call(x, cfg.timesteps[exit_step], start)
-        blocks.append(x0)
-        with torch.no_grad():
-            clean = x0.detach()
-            if cfg.context_noise > 0 or cfg.reference_context_noise:
-                t_ctx = torch.full((batch, block), cfg.context_noise, device=device)
-                clean = schedule.add_noise(clean, draw(tuple(clean.shape)).to(clean.dtype), t_ctx)
-            call(clean, cfg.context_noise, start)
+    text = context.to(denoiser.dtype)
+    blocks = [denoiser.denoise_block(noise[:, start:start + block], text, cache, start, draw, exit_step=exit_step,
+                                     grad=grad)
+              for start in range(0, frames, block)]
     return torch.cat(blocks, dim=1)

@@ -3,42 +3,72 @@
 One **step** is one critic optimizer step; every ``dfake_gen_update_ratio`` steps the generator also takes one
 (the generator update comes first, as in the reference). Each optimizer step accumulates
 ``gradient_accumulation_steps`` micro-batches and steps **once** - the textbook accumulation the reference meant
-(spec 4.5 describes its double steps). Generator EMA starts at ``ema_start_step`` and follows every generator
-step. Checkpoints are resumable (models, optimizers, EMA, step, RNG, data position) and atomic; each one is also
-exported in the reference format ``{generator, critic, generator_ema}``.
+(docs/differences.md describes its double steps and compares the compute budgets). Generator EMA starts at
+``ema_start_step`` and follows every generator step. Checkpoints are resumable (models, optimizers, EMA, step,
+RNG, data position) and atomic; each one is also exported in the reference format
+``{generator, critic, generator_ema}``.
 
 Generator loss (per sample i): ``0.5 * exp(beta * MQ_i) * mse(x_i, sg(x_i - g_i))`` where ``x`` is the student's
 self-forcing rollout, ``g`` the normalised DMD gradient ``(x0_fake - x0_real) / mean|x - x0_real|`` with the
 teacher under CFG (scale 3) and the critic without, and ``MQ_i`` the normalised motion-quality reward of the
 decoded video. Critic loss: flow matching on fresh no-grad rollouts.
+
+Run folder (``logdir``): ``log.jsonl`` (one line per step), ``checkpoints/step_N`` (resumable, the last
+``keep_last_checkpoints`` kept), ``checkpoint_model_N/model.pt`` (reference-format exports), ``samples/``.
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import checkpoints as ckpt
-from ..config import Config
+from ..config import Config, TrainingConfig
 from ..data import PromptSampler
-from ..models.text_encoder import TextEncoder
-from ..models.vae import WanVAE
 from ..models.wan import WanModel
 from ..schedule import FlowMatchSchedule, sample_training_timesteps
 from ..video_io import Mp4Writer
-from . import distributed as dist_utils
+from . import checkpointing, parallel
+from .build import TrainingModels
+from .ema import ShardedEMA
 from .losses import critic_loss, dmd_gradient, re_dmd_loss
 from .rollout import RolloutConfig, rollout
 
 log = logging.getLogger(__name__)
 
+LOG_FILE, CHECKPOINT_DIR, SAMPLE_DIR, EXPORT_PREFIX = "log.jsonl", "checkpoints", "samples", "checkpoint_model_"
+CONFIG_FILE = "config.yaml"  # written by train.py
 
-def per_rank_batch_size(tr, world_size: int) -> int:
+
+def previous_run(logdir: str | Path) -> list[Path]:
+    """What an earlier run left in ``logdir`` (logs, checkpoints, exports, samples, its config), if anything."""
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        return []
+    found = [logdir / name for name in (LOG_FILE, CONFIG_FILE, SAMPLE_DIR) if (logdir / name).exists()]
+    if any((logdir / CHECKPOINT_DIR).glob("*")):
+        found.append(logdir / CHECKPOINT_DIR)
+    return found + sorted(logdir.glob(EXPORT_PREFIX + "*"))
+
+
+def remove_previous_run(logdir: str | Path) -> None:
+    """Delete what :func:`previous_run` lists (``train.py --overwrite``), so two runs never mix in one folder."""
+    for path in previous_run(logdir):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def per_rank_batch_size(tr: TrainingConfig, world_size: int) -> int:
     """Micro-batch per rank: ``batch_size``, or ``global_batch_size / (world_size * accumulation)``."""
     if tr.global_batch_size <= 0:
         return tr.batch_size
@@ -50,48 +80,86 @@ def per_rank_batch_size(tr, world_size: int) -> int:
     return tr.global_batch_size // parts
 
 
+def is_generator_step(step: int, tr: TrainingConfig) -> bool:
+    """Whether (0-based) step ``step`` also updates the generator: steps 0, ratio, 2 ratio, ..."""
+    return step % tr.dfake_gen_update_ratio == 0
+
+
+@dataclass(frozen=True)
+class TrainingBudget:
+    """The compute a run performs per rank: a gradient evaluation is one micro-batch's forward and backward."""
+
+    critic_steps: int
+    critic_grad_evals: int
+    generator_steps: int
+    generator_grad_evals: int
+    micro_batch: int  # prompts per rank and micro-batch
+
+    def __str__(self) -> str:
+        return (f"critic {self.critic_grad_evals} gradient evaluations in {self.critic_steps} optimizer steps, "
+                f"generator {self.generator_grad_evals} gradient evaluations in {self.generator_steps} optimizer "
+                f"steps (per rank, {self.micro_batch} prompt(s) per micro-batch)")
+
+
+def training_budget(tr: TrainingConfig, world_size: int = 1, start_step: int = 0) -> TrainingBudget:
+    """Optimizer steps and gradient evaluations of steps ``start_step .. max_steps - 1`` (the whole run by
+    default), counted the way :meth:`Trainer.train` loops."""
+    steps = range(start_step, tr.max_steps)
+    gen_steps = sum(1 for step in steps if is_generator_step(step, tr))
+    accum = tr.gradient_accumulation_steps
+    return TrainingBudget(critic_steps=len(steps), critic_grad_evals=len(steps) * accum,
+                          generator_steps=gen_steps, generator_grad_evals=gen_steps * accum,
+                          micro_batch=per_rank_batch_size(tr, world_size))
+
+
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; raised before the optimizer step, so no weight is touched."""
 
 
-@dataclass
-class TrainingModels:
-    generator: WanModel  # causal student (trainable)
-    critic: WanModel  # fake score (trainable)
-    teacher: WanModel  # real score (frozen)
-    text_encoder: TextEncoder  # frozen
-    vae: WanVAE  # frozen
-    reward: object | None = None  # VideoReward (frozen); None when beta == 0
-
-
-@dataclass
 class StepLog:
-    values: dict = field(default_factory=dict)
+    """The numbers one step logs. Values added with :meth:`add` (losses, rewards, weights: one per micro-batch or
+    per sample) are logged as their mean over every micro-batch and every rank (:meth:`reduce`, collective);
+    :meth:`set` values (gradient norms, already global; timings) are logged as given."""
+
+    def __init__(self):
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self.values: dict[str, float | int] = {}
 
     def add(self, prefix: str, info: dict) -> None:
         for key, value in info.items():
-            if torch.is_tensor(value):
-                value = value.detach().float().mean().item() if value.numel() else float("nan")
-            self.values[f"{prefix}{key}"] = value
+            value = torch.as_tensor(value).detach().double()
+            name = prefix + key
+            self._sums[name] = self._sums.get(name, 0.0) + value.sum().item()
+            self._counts[name] = self._counts.get(name, 0) + value.numel()
 
+    def set(self, name: str, value: float | int) -> None:
+        self.values[name] = value
 
-def _bfchw(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 1, 3, 4)
+    def reduce(self) -> dict[str, float | int]:
+        """Means over micro-batches and ranks of the added values, plus the set ones. Call on every rank."""
+        names = sorted(self._sums)  # the same keys in the same order on every rank
+        if names:
+            local = torch.tensor([[self._sums[n], self._counts[n]] for n in names], dtype=torch.float64)
+            for name, (total, count) in zip(names, parallel.all_reduce_sum(local).tolist()):
+                self.values[name] = total / count if count else float("nan")
+        return self.values
 
 
 class Trainer:
     def __init__(self, cfg: Config, models: TrainingModels, prompts: list[str], logdir: str | Path, *,
-                 dist: dist_utils.DistInfo, use_wandb: bool = False, resume: bool = False):
+                 dist: parallel.DistInfo, use_wandb: bool = False, resume: bool = False):
         self.cfg, self.tr, self.m, self.dist = cfg, cfg.training, models, dist
         self.device = dist.device
         self.logdir = Path(logdir)
-        self.ckpt_dir = self.logdir / "checkpoints"
+        self.ckpt_dir = self.logdir / CHECKPOINT_DIR
         if dist.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        dist_utils.barrier()
+            checkpointing.remove_leftovers(self.ckpt_dir)
+        parallel.barrier()
 
         self.batch_size = per_rank_batch_size(self.tr, dist.world_size)
-        dist_utils.seed_everything(self.tr.seed, dist.rank)
+        parallel.seed_everything(self.tr.seed, dist.rank)
         self.sampler = PromptSampler(prompts, rank=dist.rank, world_size=dist.world_size, seed=self.tr.seed)
         self.schedule = FlowMatchSchedule(cfg.schedule.timestep_shift)
         self.score_schedule = FlowMatchSchedule(self.tr.score_timestep_shift)
@@ -111,7 +179,7 @@ class Trainer:
                                          weight_decay=self.tr.weight_decay)
         self.critic_opt = torch.optim.AdamW(models.critic.parameters(), lr=self.tr.lr_critic, betas=betas,
                                             weight_decay=self.tr.weight_decay)
-        self.ema: dist_utils.ShardedEMA | None = None
+        self.ema: ShardedEMA | None = None
         self.step = 0
         # One process on a GPU: autocast gives the bf16 compute FSDP2's policy gives several processes.
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -119,7 +187,7 @@ class Trainer:
                                        and dist.world_size == 1)
         self.compute_dtype = (torch.bfloat16 if self.tr.mixed_precision and self.device.type == "cuda"
                               else torch.float32)
-        self.log_file = self.logdir / "log.jsonl"
+        self.log_file = self.logdir / LOG_FILE
         self.wandb = self._init_wandb() if use_wandb and dist.is_main else None
         self._last_sample: tuple[torch.Tensor, str] | None = None
         if resume:
@@ -139,11 +207,11 @@ class Trainer:
 
     def _noise(self, batch: int) -> torch.Tensor:
         g = self.m.generator.config
-        h, w = self.cfg.video.height // 8, self.cfg.video.width // 8
+        h, w = self.m.vae.latent_size(self.cfg.video.height, self.cfg.video.width)
         return torch.randn(batch, self.tr.num_training_frames, g.in_dim, h, w, device=self.device)
 
     def _rollout(self, cond: torch.Tensor, *, grad: bool) -> torch.Tensor:
-        exit_step = dist_utils.broadcast_int(int(torch.randint(len(self.rollout_cfg.timesteps), ())))
+        exit_step = parallel.broadcast_int(int(torch.randint(len(self.rollout_cfg.timesteps), ())))
         with self.autocast:
             return rollout(self.m.generator, self.schedule, self.rollout_cfg, cond, self._noise(cond.shape[0]),
                            exit_step=exit_step, grad=grad, compute_dtype=self.compute_dtype)
@@ -158,7 +226,7 @@ class Trainer:
         """Bidirectional x0 prediction at per-sample timesteps t [B] (flow -> x0 on the score grid)."""
         dtype = self.compute_dtype
         with self.autocast:
-            flow = _bfchw(model(_bfchw(x_t.to(dtype)), t, context.to(dtype)))
+            flow = model(x_t.to(dtype), t, context.to(dtype))
         return self.score_schedule.flow_to_x0(flow.float(), x_t.float(), t)
 
     # ---------------------------------------------------------------------------------- losses
@@ -194,7 +262,7 @@ class Trainer:
             noise = torch.randn_like(x)
             x_t = self.schedule.add_noise(x, noise, t[:, None])
         with self.autocast:
-            flow = _bfchw(self.m.critic(_bfchw(x_t.to(self.compute_dtype)), t, cond.to(self.compute_dtype))).float()
+            flow = self.m.critic(x_t.to(self.compute_dtype), t, cond.to(self.compute_dtype)).float()
         if self.tr.critic_flow_from_x0:  # reference: flow -> x0 on the shift-8 grid -> flow on the shift-5 grid
             flow = self.schedule.x0_to_flow(self.score_schedule.flow_to_x0(flow, x_t, t), x_t, t)
         return critic_loss(flow, noise, x), {}
@@ -204,55 +272,57 @@ class Trainer:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         accum = self.tr.gradient_accumulation_steps
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
         for _ in range(accum):
             loss, info = loss_fn(self._next_prompts())
             # Agreed across ranks, so a NaN on one rank stops every rank at the same point (no hang).
-            if not dist_utils.all_ranks_ok(bool(torch.isfinite(loss.detach()).all())):
+            if not parallel.all_ranks_ok(bool(torch.isfinite(loss.detach()).all())):
                 raise TrainingDiverged(f"{name} loss is {loss.item()} at step {self.step}; weights were not "
                                        f"updated. Last good checkpoint: {self.latest_checkpoint() or 'none yet'}")
             (loss / accum).backward()
-            total += loss.detach().item() / accum
-            logs.add(f"{name}_", info)
-        grad_norm = dist_utils.clip_grad_norm_(model.parameters(), max_norm)
+            logs.add(f"{name}_", {"loss": loss, **info})
+        # FSDP2 gradients are DTensors: the norm is taken over every rank's shards, returned as a DTensor.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        logs.values[f"{name}_loss"] = total
-        logs.values[f"{name}_grad_norm"] = float(grad_norm)
+        logs.set(f"{name}_grad_norm", grad_norm.item())
 
     def train_step(self) -> dict:
         logs = StepLog()
         start = time.time()
-        if self.step % self.tr.dfake_gen_update_ratio == 0:
+        if is_generator_step(self.step, self.tr):
             self._update(self.m.generator, self.gen_opt, self.generator_loss, self.tr.max_grad_norm_generator,
                          "generator", logs)
             if self.step >= self.tr.ema_start_step:
                 if self.ema is None:  # starts as a copy of the current weights, like the reference
-                    self.ema = dist_utils.ShardedEMA(self.m.generator)
+                    self.ema = ShardedEMA(self.m.generator)
                 else:
                     self.ema.update(self.m.generator, self.tr.ema_weight)
         self._update(self.m.critic, self.critic_opt, self.critic_loss, self.tr.max_grad_norm_critic, "critic",
                      logs)
         self.step += 1
-        logs.values["step"] = self.step
-        logs.values["iteration_time"] = time.time() - start
-        return logs.values
+        values = logs.reduce()
+        values["step"] = self.step
+        values["iteration_time"] = time.time() - start
+        return values
 
     def train(self) -> None:
         bar = tqdm(total=self.tr.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.dist.is_main)
         last_gen = float("nan")
-        while self.step < self.tr.max_steps:
-            values = self.train_step()
-            self._log(values)
-            bar.update(1)
-            last_gen = values.get("generator_loss", last_gen)
-            bar.set_postfix(gen=f"{last_gen:.4g}", critic=f"{values['critic_loss']:.4g}")
-            if self.tr.sample_every and self.step % self.tr.sample_every == 0:
-                self.write_sample()
-            if self.step % self.tr.save_every == 0 or self.step == self.tr.max_steps:
-                self.save()
-        bar.close()
+        # Log lines (metrics, saves) go through tqdm.write, above the bar instead of over it.
+        with logging_redirect_tqdm(), bar:
+            while self.step < self.tr.max_steps:
+                values = self.train_step()
+                self._log(values)
+                bar.update(1)
+                last_gen = values.get("generator_loss", last_gen)
+                bar.set_postfix(gen=f"{last_gen:.4g}", critic=f"{values['critic_loss']:.4g}")
+                if self.tr.sample_every and self.step % self.tr.sample_every == 0:
+                    self.write_sample()
+                if self.step % self.tr.save_every == 0 or self.step == self.tr.max_steps:
+                    self.save()
 
     # -------------------------------------------------------------------------------- logging
     @torch.no_grad()
@@ -262,7 +332,7 @@ class Trainer:
             return None
         latents, prompt = self._last_sample
         frames = self.m.vae.decode(latents[None].to(self.m.vae.dtype))[0]
-        path = self.logdir / "samples" / f"step_{self.step:06d}.mp4"
+        path = self.logdir / SAMPLE_DIR / f"step_{self.step:06d}.mp4"
         with Mp4Writer(path, fps=self.cfg.video.fps) as writer:
             writer.write(frames)
         if self.wandb is not None:
@@ -293,25 +363,27 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- checkpoints
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        return found[-1] if found else None
+        return checkpointing.latest_checkpoint(self.ckpt_dir)
 
     def save(self) -> Path:
-        """Resumable DCP checkpoint + the reference-format export; both written atomically."""
+        """Resumable DCP checkpoint + the reference-format export, both written atomically; then only the newest
+        ``keep_last_checkpoints`` resumable checkpoints are kept."""
         path = self.ckpt_dir / f"step_{self.step:06d}"
         extra = {"step": self.step, "sampler": self.sampler.state_dict(), "has_ema": self.ema is not None}
-        dist_utils.save_training_state(path, models={"generator": self.m.generator, "critic": self.m.critic},
-                                       optimizers={"generator": self.gen_opt, "critic": self.critic_opt},
-                                       stateful={"ema": self.ema} if self.ema is not None else None,
-                                       extra=extra)
-        generator_sd = dist_utils.full_state_dict(self.m.generator)
-        critic_sd = dist_utils.full_state_dict(self.m.critic)
+        checkpointing.save_training_state(path, models={"generator": self.m.generator, "critic": self.m.critic},
+                                          optimizers={"generator": self.gen_opt, "critic": self.critic_opt},
+                                          stateful={"ema": self.ema} if self.ema is not None else None,
+                                          extra=extra)
+        generator_sd = checkpointing.full_state_dict(self.m.generator)
+        critic_sd = checkpointing.full_state_dict(self.m.critic)
         ema_sd = self.ema.full_state_dict(self.m.generator) if self.ema is not None else None
         if self.dist.is_main:
-            ckpt.export_reference_checkpoint(self.logdir / f"checkpoint_model_{self.step:06d}" / "model.pt",
+            ckpt.export_reference_checkpoint(self.logdir / f"{EXPORT_PREFIX}{self.step:06d}" / "model.pt",
                                              generator_sd, critic_sd, ema_sd)
+            for old in checkpointing.prune_checkpoints(self.ckpt_dir, self.tr.keep_last_checkpoints):
+                log.info("removed %s (keep_last_checkpoints=%d)", old, self.tr.keep_last_checkpoints)
             log.info("saved %s", path)
-        dist_utils.barrier()
+        parallel.barrier()
         return path
 
     def resume(self) -> None:
@@ -320,13 +392,17 @@ class Trainer:
         if path is None:
             log.info("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
             return
-        with torch.no_grad():
-            ema = dist_utils.ShardedEMA(self.m.generator)  # placeholder shapes; overwritten if saved
-        meta = dist_utils.load_training_state(path, models={"generator": self.m.generator, "critic": self.m.critic},
-                                              optimizers={"generator": self.gen_opt, "critic": self.critic_opt},
-                                              stateful={"ema": ema} if dist_utils.checkpoint_extra(path)
-                                              .get("has_ema") else None)
+        ema = ShardedEMA(self.m.generator)  # shards shaped for this run; the saved values are loaded into it
+        has_ema = checkpointing.checkpoint_extra(path)["has_ema"]
+        meta = checkpointing.load_training_state(
+            path, models={"generator": self.m.generator, "critic": self.m.critic},
+            optimizers={"generator": self.gen_opt, "critic": self.critic_opt},
+            stateful={"ema": ema} if has_ema else None)
         self.step = meta["step"]
-        self.sampler.load_state_dict(meta["sampler"])
-        self.ema = ema if meta["has_ema"] else None
-        log.info("resumed from %s at step %d", path, self.step)
+        self.sampler.load_state_dict(meta["sampler"])  # re-partitions the epoch if the number of ranks changed
+        self.ema = ema if has_ema else None
+        saved_world = meta["sampler"].get("world_size", self.dist.world_size)
+        log.info("resumed from %s at step %d%s", path, self.step,
+                 f" (saved by {saved_world} ranks, now {self.dist.world_size})"
+                 if saved_world != self.dist.world_size else "")
+        log.info("remaining: %s", training_budget(self.tr, self.dist.world_size, self.step))
