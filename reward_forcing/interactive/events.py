@@ -1,0 +1,133 @@
+"""What can happen to a live stream, as data: events indexed by the block at which they take effect.
+
+A session is (seed, first prompt, start media, events). Every action on a :class:`~.session.Session` -
+a prompt switch, a new seed, a reset, a new sink alpha - is recorded as one of the frozen dataclasses below,
+stamped with the block index (counted over the whole session, across resets) *before which* it is applied.
+Replaying the same events on a fresh session gives bit-identical latents, so an offline timeline
+(``inference.py --timeline file.json``) and a live browser session drive the very same code.
+
+The prompt-switch policies are listed in :data:`SWITCH_POLICIES`; what each one does to the caches is
+:meth:`Session._switch_prompt` (docs/interactive.md has the table).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SWITCH_POLICIES = ("cross", "recache", "recache_sink", "reset")
+
+
+@dataclass(frozen=True)
+class SetPrompt:
+    """Switch to ``text`` with a switch policy; the text embedding moves to the new prompt over ``blend_blocks``
+    blocks (0 or 1: at once), whatever the policy."""
+
+    block: int
+    text: str
+    policy: str = "cross"
+    blend_blocks: int = 0
+
+    def __post_init__(self):
+        if self.policy not in SWITCH_POLICIES:
+            raise ValueError(f"policy {self.policy!r} is not one of {SWITCH_POLICIES}")
+        if self.blend_blocks < 0:
+            raise ValueError(f"blend_blocks must be >= 0, got {self.blend_blocks}")
+        if not self.text.strip():
+            raise ValueError("the prompt is empty")
+
+
+@dataclass(frozen=True)
+class SetSeed:
+    """Re-seed the noise: from this block on, noise is drawn from a fresh CPU generator seeded ``seed``."""
+
+    block: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Reset:
+    """Start a new video (a new epoch): empty caches, a fresh VAE decoder; optionally a new prompt, seed, or a
+    start image (pixels ``[3, H, W]`` in [-1, 1], already fitted to the video size)."""
+
+    block: int
+    text: str | None = None
+    seed: int | None = None
+    image: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class SetSinkAlpha:
+    """EMA-sink decay from this block on: ``sink <- alpha * sink + (1 - alpha) * evicted``."""
+
+    block: int
+    alpha: float
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"sink alpha must be in [0, 1], got {self.alpha}")
+
+
+Event = SetPrompt | SetSeed | Reset | SetSinkAlpha
+
+
+def load_timeline(path: str | os.PathLike) -> list[Event]:
+    """Events of a timeline file: a JSON list of ``{"block": N, ...}`` objects, one action each.
+
+    ``{"block": 4, "prompt": "a cat", "policy": "recache", "blend": 2}``, ``{"block": 8, "seed": 3}``,
+    ``{"block": 10, "reset": true}`` (optionally with ``"prompt"`` / ``"seed"``), ``{"block": 12, "sink_alpha":
+    0.99}``. Block 0 may set the first prompt. Raises ``ValueError`` naming the bad entry.
+    """
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read timeline {path}: {err.strerror or err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"timeline {path} is not valid JSON: {err}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"timeline {path} must be a JSON list of events, got {type(entries).__name__}")
+    events = []
+    for i, entry in enumerate(entries):
+        try:
+            events.append(event_from_dict(entry))
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"timeline {path}, entry {i} ({json.dumps(entry)[:80]}): {err}") from None
+    return sorted(events, key=lambda e: e.block)  # stable: same-block events keep the file's order
+
+
+_KEYS = {"block", "prompt", "policy", "blend", "seed", "reset", "sink_alpha"}
+
+
+def event_from_dict(entry: dict) -> Event:
+    """One timeline entry -> one event (see :func:`load_timeline`)."""
+    if not isinstance(entry, dict):
+        raise TypeError("an event is a JSON object")
+    unknown = set(entry) - _KEYS
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)}; use {sorted(_KEYS)}")
+    block = entry.get("block")
+    if not isinstance(block, int) or isinstance(block, bool) or block < 0:
+        raise ValueError(f"'block' must be a whole number >= 0, got {block!r}")
+    seed = entry.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"'seed' must be a whole number >= 0, got {seed!r}")
+    if entry.get("reset"):
+        if "sink_alpha" in entry:
+            raise ValueError("one action per event: a reset takes 'prompt' and 'seed', not 'sink_alpha'")
+        return Reset(block, text=entry.get("prompt"), seed=seed)
+    actions = [key for key in ("prompt", "seed", "sink_alpha") if key in entry]
+    if len(actions) > 1:
+        raise ValueError(f"one action per event, got {actions} (a reset may carry a prompt and a seed)")
+    if "prompt" in entry:
+        if not isinstance(entry["prompt"], str):
+            raise ValueError("'prompt' must be a string")
+        return SetPrompt(block, entry["prompt"], entry.get("policy", "cross"), int(entry.get("blend", 0)))
+    if seed is not None:
+        return SetSeed(block, seed)
+    if "sink_alpha" in entry:
+        return SetSinkAlpha(block, float(entry["sink_alpha"]))
+    raise ValueError("an event needs one of 'prompt', 'seed', 'reset' or 'sink_alpha'")
