@@ -21,11 +21,16 @@ setup(
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["reward_forcing", "reward_forcing.*"]),
+    package_data={"reward_forcing.serve": ["static/*"]},  # the web app's page
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "httpx>=0.27"],  # httpx: FastAPI's TestClient
+        # browser tests of the web app: the Playwright driver, run against the system chromium (apt install chromium)
+        "browser": ["playwright>=1.40"],
         "wandb": ["wandb>=0.18"],
+        # VBench dimensions in scripts/evaluate.py (--vbench); optional, pulls its own model dependencies
+        "vbench": ["vbench>=0.1.5"],
         # GPU hosts only, installed by hand: pip install --no-build-isolation flash-attn
         "flash": ["flash-attn>=2.7; platform_system=='Linux' and platform_machine=='x86_64'"],
     },
