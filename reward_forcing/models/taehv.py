@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..file_io import load_safetensors_file, load_torch_file
+
 LATENT_CHANNELS = 16
 WIDTHS = (256, 128, 64, 64)
 TIME_GROWTH = (1, 2, 2)  # temporal stride of each stage's grow layer (taew2_1: no growth in the first stage)
@@ -93,11 +95,7 @@ class TAEHVDecoder(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"TAEHV weights {path} do not exist")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_safetensors_file(path) if path.suffix == ".safetensors" else load_torch_file(path)
         model = cls()
         model.load_decoder_state_dict(state)
         return model.to(device=device, dtype=dtype).eval()

@@ -22,6 +22,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from ..file_io import load_torch_file
+
 
 __all__ = [
     "WAN_T5_CHECKPOINT",
@@ -168,7 +170,7 @@ class TextEncoder(torch.nn.Module):
             _existing(checkpoint, "Wan T5 checkpoint")
         tokenizer_dir = _existing(folder / WAN_T5_TOKENIZER_DIR, "umt5-xxl tokenizer folder")
         if checkpoint is not None:
-            state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            state_dict = load_torch_file(checkpoint)  # memory-mapped
         with torch.device("meta"):
             encoder = UMT5EncoderModel(umt5_xxl_config())
         encoder.load_state_dict(convert_wan_t5_state_dict(state_dict), strict=True, assign=True)

@@ -19,12 +19,13 @@ The VAE is frozen: every entry point runs under ``torch.no_grad``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+from ..file_io import load_torch_file
 
 __all__ = ["WAN_LATENT_MEAN", "WAN_LATENT_STD", "WanVAE", "WanStreamDecoder"]
 
@@ -83,9 +84,7 @@ class WanVAE(torch.nn.Module):
     def from_wan_pth(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu") -> "WanVAE":
         """Load the original ``Wan2.1_VAE.pth`` (real architecture)."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"missing Wan VAE checkpoint: '{path}' does not exist")
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = load_torch_file(path)
         return cls.from_original_state_dict(state_dict).to(device=device, dtype=dtype)
 
     @classmethod

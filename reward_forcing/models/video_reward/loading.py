@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, Qwen2VLConfig
 
+from ...file_io import load_torch_file, load_weights
 from .model import VideoRewardModel, apply_lora, normalization_from_config
 from .preprocess import VideoPreprocessConfig
 from .prompt import DEFAULT_PROMPT_TEMPLATE, REWARD_TOKENS, read_prompt_template
@@ -87,15 +87,7 @@ def to_current_layout(key: str) -> str:
 
 def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A ``torch.save``d state dict of tensors (memory-mapped, no code run); one-line errors naming the file."""
-    path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"'{path}' holds Python objects other than tensors; expected VideoReward's state "
-                         f"dict") from None
-    except (RuntimeError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"'{path}' is not a readable PyTorch file (truncated or corrupt download?): {first}") from None
+    obj = load_torch_file(path)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"'{path}' holds a {type(obj).__name__}, not a state dict of tensors")
     return dict(obj)
@@ -154,17 +146,8 @@ def _drop_tied_lm_head(model: nn.Module, state: dict[str, torch.Tensor], source:
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Load a full state dict; every key must match (``lm_head.weight`` may be absent: it is unused)."""
     optional = _drop_tied_lm_head(model, state, source)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state) - {optional})
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"cannot load VideoReward weights from '{source}': {len(missing)} missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shapes)} wrong shapes (e.g. {shapes[:3]}); "
-            f"does model_config.json's peft_lora_config match the checkpoint?")
-    model.load_state_dict(state, strict=False)
+    load_weights(model, state, what="VideoReward", source=source, optional={optional},
+                 explain=lambda _: "does model_config.json's peft_lora_config match the checkpoint?")
 
 
 # --------------------------------------------------------------------------------------------------
