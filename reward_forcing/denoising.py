@@ -29,6 +29,14 @@ NoiseSource = Callable[[tuple[int, ...]], torch.Tensor]
 PhaseHook = Callable[[str], None]
 
 
+def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(device, dtype)``; host tensors reach a GPU through pinned memory without blocking (a plain
+    ``.to(cuda)`` from pageable memory waits for the GPU queue to drain). Same values either way."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, dtype=dtype, non_blocking=True)
+    return x.to(device, dtype)
+
+
 class BlockDenoiser:
     """Denoise blocks of latent frames with a causal ``WanModel`` and its KV cache.
 
@@ -63,12 +71,8 @@ class BlockDenoiser:
             self.phase_hook(name)
 
     def _noise_like(self, x: torch.Tensor, draw: NoiseSource) -> torch.Tensor:
-        """A fresh draw shaped like ``x``; host tensors reach a GPU through pinned memory without blocking (a
-        plain ``.to(cuda)`` from pageable memory waits for the GPU queue to drain). Same values either way."""
-        eps = draw(tuple(x.shape)).reshape(x.shape)
-        if x.device.type == "cuda" and eps.device.type == "cpu":
-            return eps.pin_memory().to(x.device, dtype=x.dtype, non_blocking=True)
-        return eps.to(x.device, x.dtype)
+        """A fresh draw shaped like ``x``, on its device and dtype."""
+        return to_device(draw(tuple(x.shape)).reshape(x.shape), x.device, x.dtype)
 
     def _times(self, x: torch.Tensor, t: float) -> torch.Tensor:
         return torch.full(tuple(x.shape[:2]), t, device=x.device, dtype=torch.float32)

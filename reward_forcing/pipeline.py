@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .denoising import BlockDenoiser, NoiseSource, PhaseHook
+from .denoising import BlockDenoiser, NoiseSource, PhaseHook, to_device
 from .models.kv_cache import KVCache
 from .models.text_encoder import TextEncoder
 from .models.vae import WanVAE
@@ -128,12 +128,6 @@ class StreamingPipeline:
         c.reset()
         return c
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """Host tensors reach a GPU through pinned memory without blocking (same values either way)."""
-        if self.device.type == "cuda" and x.device.type == "cpu":
-            return x.pin_memory().to(self.device, dtype=self.dtype, non_blocking=True)
-        return x.to(self.device, self.dtype)
-
     # ------------------------------------------------------------------------------------- public
     @torch.no_grad()
     def stream(self, prompts: str | list[str] | None = None, *, num_frames: int = 21, height: int | None = None,
@@ -188,7 +182,7 @@ class StreamingPipeline:
         cache = self.kv_cache(batch, h, w, num_frames)
         decoder = self.vae.stream_decoder() if decode else None
         for index, start in enumerate(range(0, num_frames, block)):
-            x = self._to_device(noise[:, start:start + block])
+            x = to_device(noise[:, start:start + block], self.device, self.dtype)
             latents = self.denoiser.denoise_block(x, text, cache, start, renoise)
             frames = None
             if decoder is not None:

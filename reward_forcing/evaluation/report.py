@@ -152,9 +152,13 @@ def _pyplot():
     return plt
 
 
-def _grid(n: int):
+def _new_grid(n: int):
+    """pyplot and a figure with a grid of at least ``n`` panels, at most 4 per row."""
+    plt = _pyplot()
     cols = min(4, n)
-    return (n + cols - 1) // cols, cols
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
+    return plt, fig, axes
 
 
 def plot_over_time(runs: list[Run], path: Path) -> bool:
@@ -162,9 +166,7 @@ def plot_over_time(runs: list[Run], path: Path) -> bool:
     metrics = [m for m in TIME_METRICS if any(_num(w.get(m)) == _num(w.get(m)) for r in runs for w in r.windows)]
     if not metrics:
         return False
-    plt = _pyplot()
-    rows, cols = _grid(len(metrics))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
+    plt, fig, axes = _new_grid(len(metrics))
     for ax, metric in zip(axes.flat, metrics):
         for run in runs:
             by_window: dict[int, list[float]] = {}
@@ -198,9 +200,7 @@ def plot_histograms(runs: list[Run], path: Path) -> bool:
             metrics.append(m)
     if not metrics:
         return False
-    plt = _pyplot()
-    rows, cols = _grid(len(metrics))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
+    plt, fig, axes = _new_grid(len(metrics))
     for ax, metric in zip(axes.flat, metrics):
         data = [np.array([x for x in (_num(v.get(metric)) for v in r.videos) if math.isfinite(x)]) for r in runs]
         every = np.concatenate([d for d in data if d.size])
