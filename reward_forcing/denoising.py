@@ -1,8 +1,8 @@
 """The one block loop: few-step denoising of one block of latent frames against the KV cache.
 
-Everything that generates with the causal student goes through :class:`BlockDenoiser`: the streaming pipeline
-(``pipeline.py``), the self-forcing rollout of training (``training/rollout.py``) and, through the pipeline,
-the benchmark. A block is denoised in two phases (docs/reference.md, Inference loop):
+Everything that generates with the causal student goes through :class:`BlockDenoiser`: the live session
+(``interactive/session.py``) and the streaming pipeline built on it (``pipeline.py``), the self-forcing rollout of
+training (``training/rollout.py``) and, through the pipeline, the benchmark. A block is denoised in two phases (docs/reference.md, Inference loop):
 
 1. **steps**: at each warped timestep ``t_k`` predict x0 from the current noisy block, then re-noise x0 to
    ``t_{k+1}`` with fresh Gaussian noise. Inference runs every step; the training rollout stops at a random
@@ -27,6 +27,12 @@ from .schedule import FlowMatchSchedule
 
 NoiseSource = Callable[[tuple[int, ...]], torch.Tensor]
 PhaseHook = Callable[[str], None]
+
+
+def cpu_gaussian(seed: int) -> NoiseSource:
+    """``shape -> N(0, I)`` drawn on a seeded CPU generator, so a seed gives the same video on every device."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda shape: torch.randn(shape, generator=generator)
 
 
 def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

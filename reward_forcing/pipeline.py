@@ -1,7 +1,8 @@
 """StreamingPipeline: prompt -> latent blocks -> decoded frames, block by block.
 
-Per block of ``frames_per_block`` latent frames: :class:`~reward_forcing.denoising.BlockDenoiser` runs the
-few-step denoising and the cache-writing context pass (the one block loop, shared with training), then the
+:meth:`StreamingPipeline.stream` is a loop over a :class:`~reward_forcing.interactive.session.Session` with no
+events. Per block of ``frames_per_block`` latent frames: :class:`~reward_forcing.denoising.BlockDenoiser` runs
+the few-step denoising and the cache-writing context pass (the one block loop, shared with training), then the
 streaming VAE decoder turns the block into pixels (its causal feature cache carries over): the first block
 gives ``1 + 4 (f - 1)`` frames (9 for 3-frame blocks), every later one ``4 f`` (12).
 
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .denoising import BlockDenoiser, NoiseSource, PhaseHook, to_device
+from .denoising import BlockDenoiser, NoiseSource, PhaseHook, cpu_gaussian
+from .interactive.session import Session
 from .models.kv_cache import KVCache
 from .models.text_encoder import TextEncoder
 from .models.vae import WanVAE
@@ -31,12 +33,6 @@ class StreamChunk:
     index: int  # block number
     latents: torch.Tensor  # [B, f, C, h, w] clean latents of the block
     frames: torch.Tensor | None  # [B, n, 3, H, W] decoded frames in [-1, 1] (None when decode=False)
-
-
-def cpu_gaussian(seed: int) -> NoiseSource:
-    """``shape -> N(0, I)`` drawn on a seeded CPU generator, so a seed gives the same video on every device."""
-    generator = torch.Generator().manual_seed(seed)
-    return lambda shape: torch.randn(shape, generator=generator)
 
 
 class StreamingPipeline:
@@ -86,10 +82,6 @@ class StreamingPipeline:
     @phase_hook.setter
     def phase_hook(self, hook: PhaseHook | None) -> None:
         self.denoiser.phase_hook = hook
-
-    def _phase(self, name: str) -> None:
-        if self.phase_hook is not None:
-            self.phase_hook(name)
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """Latent ``(h, w)`` of a ``height x width`` video: the VAE's stride (8), and whole DiT patches."""
@@ -145,6 +137,9 @@ class StreamingPipeline:
 
         One stream at a time per pipeline: the KV and cross-attention caches are shared and reset by the next
         ``stream()`` call (use a second pipeline over the same models for concurrent streams).
+
+        This is a loop over a :class:`~reward_forcing.interactive.session.Session` given the initial noise of the
+        whole horizon (drawn first) and the same generator for the re-noising draws, and the pipeline's caches.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -177,19 +172,13 @@ class StreamingPipeline:
             draws = iter(renoise)
             renoise = lambda shape: next(draws)  # noqa: E731
 
-        self._phase("prepare_context")
-        text = self._text = self.generator.prepare_context(context, out=self._text)
-        cache = self.kv_cache(batch, h, w, num_frames)
-        decoder = self.vae.stream_decoder() if decode else None
-        for index, start in enumerate(range(0, num_frames, block)):
-            x = to_device(noise[:, start:start + block], self.device, self.dtype)
-            latents = self.denoiser.denoise_block(x, text, cache, start, renoise)
-            frames = None
-            if decoder is not None:
-                self._phase("decode")
-                frames = decoder.decode(latents.to(self.vae.dtype))
-            self._phase("block_end")
-            yield StreamChunk(index, latents, frames)
+        session = Session(self, context=context, height=height, width=width, noise=noise, renoise=renoise,
+                          cache=self.kv_cache(batch, h, w, num_frames), text_buffer=self._text,
+                          max_frames=num_frames, decode=decode)
+        self._text = session.text_context  # reused by the next stream
+        for _ in range(num_frames // block):
+            out = session.next_block()
+            yield StreamChunk(out.index, out.latents, out.frames)
 
     @torch.no_grad()
     def generate(self, prompts=None, **kwargs) -> tuple[torch.Tensor | None, torch.Tensor]:

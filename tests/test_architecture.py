@@ -13,7 +13,7 @@ PACKAGE = REPO_ROOT / "reward_forcing"
 # Lower numbers sit lower. A module may import modules of strictly lower layers; same-layer imports are allowed
 # only inside one of the SUBPACKAGES below (e.g. training/ importing its own files).
 LAYERS = {
-    "reward_forcing": 7,  # the package's __init__ (metadata only)
+    "reward_forcing": 8,  # the package's __init__ (metadata only)
     "reward_forcing.models.attention": 0,
     "reward_forcing.models.kv_cache": 0,
     "reward_forcing.file_io": 0,  # torch / stdlib only: reading weights, strict loading, atomic writes
@@ -21,16 +21,18 @@ LAYERS = {
     "reward_forcing.schedule": 1,
     "reward_forcing.compile": 2,
     "reward_forcing.denoising": 2,  # the one block loop
-    "reward_forcing.pipeline": 3,
-    "reward_forcing.config": 4,
-    "reward_forcing.checkpoints": 4,
-    "reward_forcing.data": 4,
-    "reward_forcing.video_io": 4,
-    "reward_forcing.build": 5,
-    "reward_forcing.training": 6,
-    "reward_forcing.evaluation": 6,
-    "reward_forcing.interactive": 6,
-    "reward_forcing.serve": 7,
+    "reward_forcing.interactive.session": 3,  # the block loop with state; stream() is a loop over it
+    "reward_forcing.interactive.events": 3,
+    "reward_forcing.pipeline": 4,
+    "reward_forcing.config": 5,
+    "reward_forcing.checkpoints": 5,
+    "reward_forcing.data": 5,
+    "reward_forcing.video_io": 5,
+    "reward_forcing.build": 6,
+    "reward_forcing.training": 7,
+    "reward_forcing.evaluation": 7,
+    "reward_forcing.interactive": 7,  # its __init__ and start media
+    "reward_forcing.serve": 8,
 }
 SUBPACKAGES = ("reward_forcing.training", "reward_forcing.evaluation", "reward_forcing.models.video_reward",
                "reward_forcing.interactive", "reward_forcing.serve")

@@ -48,6 +48,38 @@ def test_first_block_is_the_pipelines_block(pipe):
     assert (block.index, block.epoch, block.epoch_block, block.prompt) == (0, 0, 0, "a fox")
 
 
+def test_a_batch_session_streams_each_row_as_if_alone(pipe):
+    """context= with B = 2: each row equals a session of that row alone (same noise, same re-noising draws),
+    through a prompt switch, which gives the new prompt to both rows."""
+    small = dict(height=16, width=16, decode=False)
+    context = pipe.encode_prompts(["a red car", "a blue boat"])
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 6, 16, 2, 2, generator=g)
+    eps = [torch.randn(2, 3, 16, 2, 2, generator=g) for _ in range(6)]  # 3 re-noising draws per block
+
+    def run(rows):
+        draws = iter([e[rows] for e in eps])
+        session = Session(pipe, context=context[rows], noise=noise[rows], renoise=lambda shape: next(draws), **small)
+        blocks = session.blocks(1)
+        session.set_prompt("a green tree", policy="recache")
+        blocks += session.blocks(1)
+        assert session.prompt == "a green tree" and session._context.shape[0] == context[rows].shape[0]
+        return torch.cat(_latents(blocks), 1)
+
+    both = run(slice(0, 2))
+    assert both.shape == (2, 6, 16, 2, 2)
+    for i in range(2):
+        assert (run(slice(i, i + 1)) - both[i:i + 1]).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="a start image or video begins one stream, not a batch of 2"):
+        Session(pipe, context=context, image=torch.zeros(3, 16, 16), **small)
+    with pytest.raises(ValueError, match="exactly one of prompt or context"):
+        Session(pipe, "a fox", context=context, **small)
+    short = Session(pipe, context=context[:1, :4], **small)  # a context of 4 rows, not the encoder's 512
+    short.set_prompt("a fox", blend_blocks=2)
+    with pytest.raises(ValueError, match=r"cannot blend the context in effect \(1, 4, 32\)"):
+        short.next_block()
+
+
 def test_replaying_the_events_is_bit_identical(pipe):
     small = dict(height=16, width=16)
     live = Session(pipe, "a red car", seed=1, **small)

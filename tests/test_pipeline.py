@@ -5,7 +5,8 @@ import torch
 from reward_forcing.build import build_pipeline
 from reward_forcing.config import load_config
 from reward_forcing.models.wan import WanModel, init_random_
-from reward_forcing.pipeline import StreamingPipeline
+from reward_forcing.interactive import Session
+from reward_forcing.pipeline import StreamingPipeline, cpu_gaussian
 from conftest import PARITY_ATOL, REPO_ROOT
 
 
@@ -34,6 +35,38 @@ def test_stream_yields_blocks_and_equals_generate(tiny_pipe):
     assert torch.equal(frames, torch.cat([c.frames for c in chunks], 1))
     assert torch.equal(latents, torch.cat([c.latents for c in chunks], 1))
     assert frames.shape[1] == 1 + 4 * (9 - 1)
+
+
+def test_stream_is_a_loop_over_a_session(tiny_pipe, monkeypatch):
+    """stream() equals a Session given the seed's noise in stream()'s draw order (all initial noise first, then
+    the re-noising draws from the same generator), block for block and bit for bit, batch of 2; the benchmark's
+    phase marks fire in the same order; and stream() drives one session's next_block on the pipeline's cache."""
+    size = dict(height=48, width=80)
+    context = tiny_pipe.encode_prompts(["a fox in the snow", "a red car"])
+    phases = []
+    tiny_pipe.phase_hook = phases.append
+    try:
+        chunks = list(tiny_pipe.stream(context=context, num_frames=6, seed=3, **size))
+    finally:
+        tiny_pipe.phase_hook = None
+    assert phases == ["prepare_context"] + ["steps", "context", "decode", "block_end"] * 2
+
+    draw = cpu_gaussian(3)
+    noise = draw((2, 6, 16, 6, 10))
+    session = Session(tiny_pipe, context=context, noise=noise, renoise=draw, **size)
+    blocks = session.blocks(2)
+    assert [c.index for c in chunks] == [b.index for b in blocks] == [0, 1]
+    assert all(torch.equal(c.latents, b.latents) and torch.equal(c.frames, b.frames) for c, b in zip(chunks, blocks))
+    assert chunks[0].latents.shape == (2, 3, 16, 6, 10) and not torch.equal(chunks[0].latents[0], chunks[0].latents[1])
+    with pytest.raises(ValueError, match="noise covers 2 blocks; block 2 has none"):
+        session.next_block()
+
+    driven = []
+    next_block = Session.next_block
+    monkeypatch.setattr(Session, "next_block", lambda self: driven.append(self) or next_block(self))
+    latents = torch.cat([c.latents for c in tiny_pipe.stream(context=context, num_frames=6, seed=3, **size)], 1)
+    assert len(driven) == 2 and driven[0] is driven[1] and driven[0].cache is tiny_pipe.cache
+    assert torch.equal(latents, torch.cat([b.latents for b in blocks], 1))
 
 
 def test_seed_determinism_and_cache_reset_between_prompts(tiny_pipe):

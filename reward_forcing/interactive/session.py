@@ -3,14 +3,19 @@
 :class:`Session` keeps the KV cache (window + EMA sink), the cross-attention K/V, the noise generator and the
 streaming VAE decoder across :meth:`Session.next_block` calls, so it can generate indefinitely (memory is
 bounded by the cache window) while prompts, seeds and the sink alpha change at block boundaries. It runs the
-pipeline's :class:`~reward_forcing.denoising.BlockDenoiser` - the same loop as ``StreamingPipeline.stream``
-and training - and owns only the bookkeeping around it.
+pipeline's :class:`~reward_forcing.denoising.BlockDenoiser` - the same loop as training - and owns only the
+bookkeeping around it. ``StreamingPipeline.stream()`` is a loop over a session with no events: everything that
+generates at inference goes through :meth:`Session.next_block`.
 
 Determinism: a session is ``(seed, first prompt, start media, events)``. Every action becomes an event stamped
 with the block before which it is applied (``session.events``); a fresh session given the same arguments and
-``events=session.events`` produces bit-identical latents. Noise is drawn block by block from a seeded CPU
-generator (initial noise of the block, then its re-noising draws), so a session does not reproduce
-``stream()``'s draw order (which draws all initial noise up front) and needs no horizon.
+``events=session.events`` produces bit-identical latents.
+
+Noise: by default it is drawn block by block from a seeded CPU generator (the block's initial noise, then its
+re-noising draws), so a session needs no horizon. ``noise=`` gives instead the initial noise of a whole horizon
+up front (block ``i`` takes its frames ``[i f, (i + 1) f)``) and ``renoise=`` the source of the re-noising
+draws. That reproduces ``stream()``'s draw order - all initial noise first, then the re-noising draws from the
+same generator - which is how ``stream()`` drives its session.
 
 Prompt-switch policies (docs/interactive.md has the table):
 
@@ -35,8 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..denoising import NoiseSource, cpu_gaussian, to_device
 from ..models.kv_cache import KVCache
-from ..pipeline import StreamingPipeline, cpu_gaussian
+from ..models.wan import TextContext
 from .events import Event, Reset, SetPrompt, SetSeed, SetSinkAlpha
 
 _TEXT_CACHE_SIZE = 8  # encoded prompts kept (switching back and forth does not re-run the text encoder)
@@ -49,37 +55,58 @@ class SessionBlock:
     index: int  # block number over the whole session (the clock events are stamped with)
     epoch: int  # video number: 0, then +1 at every reset
     epoch_block: int  # block number inside the epoch
-    latents: torch.Tensor  # [1, f, C, h, w] clean latents
-    frames: torch.Tensor | None  # [1, n, 3, H, W] in [-1, 1]; None when the session does not decode
-    prompt: str  # the prompt in effect (the target, while a blend is under way)
+    latents: torch.Tensor  # [B, f, C, h, w] clean latents
+    frames: torch.Tensor | None  # [B, n, 3, H, W] in [-1, 1]; None when the session does not decode
+    prompt: str | None  # the prompt in effect (the target, while a blend is under way); None: given context
     events: list[Event]  # events applied just before this block
 
 
 class Session:
-    """A stateful stream over a :class:`StreamingPipeline`; see the module docstring.
+    """A stateful stream over a ``StreamingPipeline``; see the module docstring.
 
-    prompt: the first prompt. seed: seeds the CPU noise generator.
+    The pipeline is used through its models and helpers (``generator``, ``denoiser``, ``vae``, ``encode_prompts``,
+    ``latent_size``, ``phase_hook``, ...); this module does not import it (the pipeline stands on the session).
+
+    prompt: the first prompt; or ``context``: text-encoder output ``[B, L, text_dim]`` (a batch of B streams).
+      Events that carry a prompt encode it once and give it to all B streams.
+    seed: seeds the CPU noise generator.
     height, width: pixel size (default: the pipeline's).
     image: optional start image, pixels ``[3, H, W]`` in [-1, 1] at the video size (see ``media.fit_frames``):
       repeated over the first block's pixel frames, encoded, and written into the cache as the first block (it
-      seeds the sink); it is not part of the output.
-    video: optional video to continue, pixels ``[T, 3, H, W]`` in [-1, 1]: see :meth:`_write_video`.
+      seeds the sink); it is not part of the output. Batch 1 only.
+    video: optional video to continue, pixels ``[T, 3, H, W]`` in [-1, 1]: see :meth:`_write_video`. Batch 1 only.
     events: events to apply at their blocks (a timeline, or another session's ``events`` to replay it).
-    sink_alpha: EMA-sink decay (default: the generator's ``causal.ema_alpha``).
+    sink_alpha: EMA-sink decay (default: the cache's ``causal.ema_alpha``).
     max_frames: cache length for global-attention generators (``local_attn_size = -1``), which keep every frame.
     decode: decode blocks to pixels with a streaming decoder.
     decoder_model: what decodes, anything with ``stream_decoder()`` and ``dtype``: the pipeline's Wan VAE by
       default, or e.g. a :class:`~reward_forcing.models.taehv.TAEHVDecoder` for fast previews.
+    noise: optional initial noise ``[B, F, C, h, w]`` for a horizon of ``F / f`` blocks: block ``i`` starts from
+      frames ``[i f, (i + 1) f)`` (a block past the horizon is an error). Default: drawn per block.
+    renoise: optional ``shape -> tensor`` source of the re-noising draws (and of the per-block initial noise when
+      ``noise`` is not given), in place of the seed's generator; ``set_seed`` / a reset with a seed replace it.
+    cache: optional KV cache to use (reset here; shaped for the batch and size), e.g. the pipeline's, which it
+      reuses across streams; ``set_sink_alpha`` changes its spec. Default: a new one.
+    text_buffer: optional cross-attention K/V (a ``TextContext`` of the same shape) to overwrite in place rather
+      than allocate, e.g. the pipeline's; :attr:`text_context` is the one in use.
+
+    Phases: through the pipeline's ``phase_hook``, ``"prepare_context"`` fires whenever the cross-attention K/V
+    are computed (once here, then at prompt switches and blend steps), and per block ``"steps"``, ``"context"``
+    (in the denoiser), ``"decode"`` (when decoding) and ``"block_end"``.
 
     One session at a time per pipeline's models on one thread: the session owns its KV cache, but the models
     are shared.
     """
 
     @torch.no_grad()
-    def __init__(self, pipe: StreamingPipeline, prompt: str, *, seed: int = 0, height: int | None = None,
-                 width: int | None = None, image: torch.Tensor | None = None, video: torch.Tensor | None = None,
-                 events: Iterable[Event] = (), sink_alpha: float | None = None, max_frames: int | None = None,
-                 decode: bool = True, decoder_model=None):
+    def __init__(self, pipe: "StreamingPipeline", prompt: str | None = None, *, context: torch.Tensor | None = None,
+                 seed: int = 0, height: int | None = None, width: int | None = None,
+                 image: torch.Tensor | None = None, video: torch.Tensor | None = None, events: Iterable[Event] = (),
+                 sink_alpha: float | None = None, max_frames: int | None = None, decode: bool = True,
+                 decoder_model=None, noise: torch.Tensor | None = None, renoise: NoiseSource | None = None,
+                 cache: KVCache | None = None, text_buffer: TextContext | None = None):
+        if (prompt is None) == (context is None):
+            raise ValueError("pass exactly one of prompt or context")
         if image is not None and video is not None:
             raise ValueError("start from an image or from a video, not both")
         decoder_model = decoder_model if decoder_model is not None else pipe.vae
@@ -90,11 +117,30 @@ class Session:
         self.width = pipe.width if width is None else width
         self.latent_hw = pipe.latent_size(self.height, self.width)
         generator = pipe.generator
-        spec = generator.causal
-        if spec.local_attn_size == -1 and max_frames is None:
-            raise ValueError("this generator attends to every past frame (local_attn_size=-1): pass max_frames")
-        self.cache: KVCache = generator.new_kv_cache(1, *self.latent_hw, max_frames=max_frames)
-        self.sink_alpha = spec.ema_alpha
+        if context is not None:
+            if context.dim() != 3:
+                raise ValueError(f"context must be text-encoder output [B, L, text_dim], got {tuple(context.shape)}")
+            context = context.to(device=pipe.device, dtype=pipe.dtype)
+        self.batch = 1 if context is None else context.shape[0]
+        if self.batch > 1 and (image is not None or video is not None):
+            raise ValueError(f"a start image or video begins one stream, not a batch of {self.batch}: "
+                             "pass a context with one row")
+        f, channels = pipe.frames_per_block, generator.config.in_dim
+        if noise is not None and (noise.dim() != 5 or noise.shape[1] == 0 or noise.shape[1] % f
+                                  or (noise.shape[0], *noise.shape[2:]) != (self.batch, channels, *self.latent_hw)):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected [{self.batch}, a multiple of {f}, "
+                             f"{channels}, {self.latent_hw[0]}, {self.latent_hw[1]}]")
+        self._noise = noise
+        if cache is None:
+            if generator.causal.local_attn_size == -1 and max_frames is None:
+                raise ValueError("this generator attends to every past frame (local_attn_size=-1): pass max_frames")
+            cache = generator.new_kv_cache(self.batch, *self.latent_hw, max_frames=max_frames)
+        elif cache.batch_size != self.batch or cache.frame_tokens != generator.tokens_per_frame(*self.latent_hw):
+            raise ValueError(f"the cache holds {cache.batch_size} stream(s) of {cache.frame_tokens} tokens per frame; "
+                             f"this session needs {self.batch} of "
+                             f"{generator.tokens_per_frame(*self.latent_hw)}")
+        self.cache: KVCache = cache
+        self.sink_alpha = cache.spec.ema_alpha
         if sink_alpha is not None:
             self._set_alpha(sink_alpha)
         self.decoder = decoder_model.stream_decoder() if decode else None
@@ -105,18 +151,24 @@ class Session:
         self.epoch_block = 0
         self.events: list[Event] = []  # applied, stamped with the block they took effect at
         self._pending: list[Event] = sorted(events, key=lambda e: e.block)
-        self._draw = cpu_gaussian(seed)
+        self._draw: NoiseSource = renoise if renoise is not None else cpu_gaussian(seed)
         self._encoded: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.prompt = prompt
-        self._context = self._encode(prompt)  # text-encoder output in effect [1, L, text_dim]
+        self._context = self._encode(prompt) if context is None else context  # in effect [B, L, text_dim]
         self._blend: tuple[torch.Tensor, torch.Tensor, int, int] | None = None  # (from, to, first block, N)
-        self._text = None  # cross-attention K/V (TextContext), written in place per prompt
+        self._text: TextContext | None = text_buffer  # cross-attention K/V, written in place per prompt
         self._text_dirty = True
-        self._latents: dict[int, torch.Tensor] = {}  # clean latents [1, 1, C, h, w] of the frames in the cache
+        self._latents: dict[int, torch.Tensor] = {}  # clean latents [B, 1, C, h, w] of the frames in the cache
         self._frame = 0  # next cache frame index (restarts with the cache)
         self._new_video(image=image)
         if video is not None:
             self._write_video(video)
+        self._text_for_block()  # the first prompt's cross-attention K/V, ready before the first block
+
+    @property
+    def text_context(self) -> TextContext:
+        """The cross-attention K/V in use (overwritten in place at prompt switches)."""
+        return self._text
 
     # ----------------------------------------------------------------------------------- live actions
     def schedule(self, event: Event) -> None:
@@ -150,15 +202,25 @@ class Session:
     @torch.no_grad()
     def next_block(self) -> SessionBlock:
         """Apply the events due, then denoise, cache and decode one block."""
-        applied = self.apply_due_events()
         pipe, f = self.pipe, self.pipe.frames_per_block
+        if self._noise is not None and (self.block + 1) * f > self._noise.shape[1]:
+            raise ValueError(f"the session's noise covers {self._noise.shape[1] // f} blocks; block {self.block} "
+                             "has none (pass a longer noise=, or none to draw per block)")
+        applied = self.apply_due_events()
         text = self._text_for_block()
-        noise = self._draw((1, f, pipe.generator.config.in_dim, *self.latent_hw))
-        x = noise.to(pipe.device, pipe.dtype)
+        if self._noise is not None:
+            noise = self._noise[:, self.block * f:(self.block + 1) * f]
+        else:
+            noise = self._draw((self.batch, f, pipe.generator.config.in_dim, *self.latent_hw))
+        x = to_device(noise, pipe.device, pipe.dtype)
         latents = pipe.denoiser.denoise_block(x, text, self.cache, self._frame, self._draw)
         self._keep(latents, self._frame)
         self._frame += f
-        frames = self.decoder.decode(latents.to(self._decode_dtype)) if self.decoder is not None else None
+        frames = None
+        if self.decoder is not None:
+            self._phase("decode")
+            frames = self.decoder.decode(latents.to(self._decode_dtype))
+        self._phase("block_end")
         out = SessionBlock(self.block, self.epoch, self.epoch_block, latents, frames, self.prompt, applied)
         self.block += 1
         self.epoch_block += 1
@@ -196,14 +258,20 @@ class Session:
             applied.append(event)
         return applied
 
+    def _phase(self, name: str) -> None:
+        if self.pipe.phase_hook is not None:
+            self.pipe.phase_hook(name)
+
     def _encode(self, text: str) -> torch.Tensor:
+        """Text-encoder output of ``text`` for every stream of the batch ``[B, L, text_dim]``."""
         if text in self._encoded:
             self._encoded.move_to_end(text)
         else:
             self._encoded[text] = self.pipe.encode_prompts([text])
             if len(self._encoded) > _TEXT_CACHE_SIZE:
                 self._encoded.popitem(last=False)
-        return self._encoded[text]
+        context = self._encoded[text]
+        return context if context.shape[0] == self.batch else context.expand(self.batch, -1, -1)
 
     def _set_context(self, text: str, context: torch.Tensor) -> None:
         self.prompt, self._context, self._blend, self._text_dirty = text, context, None, True
@@ -218,6 +286,7 @@ class Session:
             self._blend = None if weight >= 1.0 else self._blend
             self._text_dirty = True
         if self._text_dirty:
+            self._phase("prepare_context")
             self._text = self.pipe.generator.prepare_context(self._context, out=self._text)
             self._text_dirty = False
         return self._text
@@ -242,6 +311,9 @@ class Session:
         """The switch policies, all in one place (module docstring; docs/interactive.md)."""
         target = self._encode(event.text)
         source = self._context
+        if event.blend_blocks > 1 and source.shape != target.shape:
+            raise ValueError(f"cannot blend the context in effect {tuple(source.shape)} into the prompt's "
+                             f"{tuple(target.shape)}: switch with blend_blocks=0")
         self.prompt = event.text
         if event.blend_blocks > 1:
             self._blend = (source, target, self.block, event.blend_blocks)
@@ -283,6 +355,8 @@ class Session:
         self.epoch += 1
         self.epoch_block = 0
         if image is not None:
+            if self.batch > 1:
+                raise ValueError(f"a start image begins one stream, not a batch of {self.batch}")
             if image.dim() != 3 or tuple(image.shape) != (3, self.height, self.width):
                 raise ValueError(f"start image must be pixels [3, {self.height}, {self.width}], "
                                  f"got {tuple(image.shape)}")
