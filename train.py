@@ -67,7 +67,8 @@ def run(args: argparse.Namespace, dist: parallel.DistInfo) -> int:
     logdir = Path(args.logdir)
     try:  # everything a user can get wrong is checked before any model is built
         cfg = load_config(args.config_path, args.overrides)
-        prompts = [p.conditioning for p in read_prompts(cfg.training.data_path)]
+        # dmd trains on prompts; ode and teacher modes read latent videos (training.ode_pairs_path / latent_data)
+        prompts = [p.conditioning for p in read_prompts(cfg.training.data_path)] if cfg.training.mode == "dmd" else []
         budget = training_budget(cfg.training, dist.world_size)
         earlier = previous_run(logdir)
         if earlier and not (args.resume or args.overwrite):

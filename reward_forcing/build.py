@@ -16,9 +16,10 @@ from .config import Config
 from .file_io import load_torch_file
 from .models.kv_cache import CausalSpec
 from .models.text_encoder import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER_DIR, TextEncoder
-from .models.vae import WanVAE
-from .models.wan import WanConfig, WanModel, init_random_
+from .models.vae import IdentityVAE, WanVAE
+from .models.wan import WanConfig, WanModel, init_random_, init_weights_
 from .pipeline import StreamingPipeline
+from .toy import ToyMotionReward, ToyTextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ def _config_for(flavor: str, folder: Path | None) -> WanConfig:
 
 
 def build_dit(cfg: Config, flavor: str, *, causal: CausalSpec | None = None, weights: str | Path | None = None,
-              use_ema: bool = False, seed: int = 0, device="cpu", dtype=torch.float32, what: str = "generator"
-              ) -> WanModel:
+              use_ema: bool = False, seed: int = 0, device="cpu", dtype=torch.float32, what: str = "generator",
+              init: str = "debug") -> WanModel:
     """A Wan DiT of ``flavor``.
 
     With ``cfg.model.random_init`` (tiny debug runs) and no ``weights``: random non-degenerate weights.
@@ -47,7 +48,13 @@ def build_dit(cfg: Config, flavor: str, *, causal: CausalSpec | None = None, wei
     are assigned, so a 14B model is never initialised just to be overwritten.
     """
     if weights is None and cfg.model.random_init:
-        model = init_random_(WanModel.from_flavor(flavor, causal=causal), seed=seed)
+        model = WanModel.from_flavor(flavor, causal=causal)
+        if init == "reference":  # a model about to be trained from scratch (e.g. the toy teacher)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                init_weights_(model)
+        else:
+            init_random_(model, seed=seed)
         return model.to(device=device, dtype=dtype)
     if weights is not None:
         source = ckpt.require_file(weights, f"{what} checkpoint")
@@ -87,17 +94,24 @@ def build_inference_generator(cfg: Config, **kwargs) -> WanModel:
 
 
 def build_text_encoder(cfg: Config, *, device="cpu", dtype=torch.float32) -> TextEncoder:
+    """The config's text encoder: anything with ``forward(prompts) -> [B, L, text_dim]`` and
+    ``encode_negative(prompt, batch_size)``."""
     if cfg.model.text_encoder == "tiny":
         return TextEncoder.tiny().to(device=device, dtype=dtype)
+    if cfg.model.text_encoder == "toy":
+        return ToyTextEncoder(dim=WanConfig.from_flavor(cfg.model.generator).text_dim).to(device=device, dtype=dtype)
     folder = ckpt.asset_path(cfg.checkpoint_root, "wan_1_3b")
     checkpoint = ckpt.require_file(folder / WAN_T5_CHECKPOINT, "Wan T5 checkpoint")
     ckpt.require_file(folder / WAN_T5_TOKENIZER_DIR, "umt5-xxl tokenizer folder")
     return TextEncoder.from_wan_folder(folder, dtype=dtype, device=device, state_dict=load_torch_file(checkpoint))
 
 
-def build_vae(cfg: Config, *, device="cpu", dtype=torch.float32) -> WanVAE:
+def build_vae(cfg: Config, *, device="cpu", dtype=torch.float32) -> WanVAE | IdentityVAE:
+    """The config's decoder: the Wan VAE, or the identity for a world that lives in latent space."""
     if cfg.model.vae == "tiny":
         return WanVAE.tiny().to(device=device, dtype=dtype)
+    if cfg.model.vae == "identity":
+        return IdentityVAE(dtype).to(device)
     state_dict = load_torch_file(ckpt.asset_path(cfg.checkpoint_root, "vae"))
     return WanVAE.from_original_state_dict(state_dict).to(device=device, dtype=dtype)
 
@@ -128,6 +142,8 @@ def build_reward(cfg: Config, *, device="cpu", dtype=torch.float32, require_temp
     from .models.video_reward import VideoPreprocessConfig, VideoReward
 
     tr = cfg.training
+    if cfg.model.reward == "toy_motion":
+        return ToyMotionReward().to(device)
     reference_range = tr.reward_pixel_range == "reference"
     if cfg.model.reward == "tiny":
         preprocess = VideoPreprocessConfig(fps=tr.reward_fps, sample_all_frames=tr.reward_sample_all_frames,

@@ -386,6 +386,12 @@ def _to_reference_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def export_model_checkpoint(path: str | os.PathLike, model_sd: Mapping[str, torch.Tensor]) -> Path:
+    """Write one model ``{"model": ...}`` (e.g. a trained teacher), keys as :func:`export_reference_checkpoint`
+    writes them; it loads with ``load_generator_state_dict`` and as ``training.teacher_ckpt``."""
+    return atomic_save({"model": _to_reference_keys(model_sd)}, path)
+
+
 def export_reference_checkpoint(path: str | os.PathLike, generator_sd: Mapping[str, torch.Tensor],
                                 critic_sd: Mapping[str, torch.Tensor] | None = None,
                                 generator_ema_sd: Mapping[str, torch.Tensor] | None = None) -> Path:

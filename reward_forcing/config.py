@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .compile import COMPILE_FALLBACKS, COMPILE_MODES
 from .models.kv_cache import CausalSpec
+from .models.wan import WanConfig
 
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
@@ -31,12 +32,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    generator: str = "1.3B"  # causal student flavor: tiny | 1.3B | 14B
+    generator: str = "1.3B"  # causal student flavor: tiny | toy | 1.3B | 14B
     critic: str = "1.3B"  # fake score
     teacher: str = "14B"  # real score
-    text_encoder: str = "umt5-xxl"  # umt5-xxl | tiny
-    vae: str = "wan2.1"  # wan2.1 | tiny
-    reward: str = "videoreward"  # videoreward | tiny (training only; unused when training.beta = 0)
+    text_encoder: str = "umt5-xxl"  # umt5-xxl | tiny | toy (the toy world's word table)
+    vae: str = "wan2.1"  # wan2.1 | tiny | identity (a world that lives in latent space, e.g. the toy world)
+    # The reward Re-DMD weights by (training only; unused when training.beta = 0): videoreward | tiny |
+    # toy_motion (net motion of a toy-world video). training.reward_key picks which of its scores.
+    reward: str = "videoreward"
     random_init: bool = False  # build random weights instead of loading checkpoints (tiny debug runs)
     gradient_checkpointing: bool = True
     rope_precision: str = "float64"  # float64 (reference numerics) | float32 (faster on GPU, ~1e-6 apart)
@@ -70,15 +73,30 @@ class TextConfig:
 
 @dataclass
 class TrainingConfig:
-    """Re-DMD settings of the reference run (docs/differences.md lists where training departs from it)."""
+    """Re-DMD settings of the reference run (docs/differences.md lists where training departs from it).
+
+    ``mode`` picks what is trained: ``dmd`` (Re-DMD of the causal student; plain DMD with beta = 0), ``ode``
+    (regress the causal student onto teacher ODE pairs from scripts/generate_ode_pairs.py: the ODE init) or
+    ``teacher`` (flow matching of the bidirectional teacher on latent videos, with CFG dropout).
+    """
+
+    mode: str = "dmd"  # dmd | ode | teacher
 
     generator_ckpt: str = "checkpoints/ode_init.pt"
+    # Weights of the teacher / critic when they are not the flavor's base weights (e.g. a trained toy teacher;
+    # DMD's critic then starts as a copy of the teacher). Empty: the base weights of model.teacher / model.critic.
+    teacher_ckpt: str = ""
+    critic_ckpt: str = ""
+    latent_data: str = ""  # teacher mode: 'toy' (the toy world, drawn on the fly) or a folder of latent .pt files
+    ode_pairs_path: str = ""  # ode mode: the .pt file written by scripts/generate_ode_pairs.py
+    cfg_dropout: float = 0.1  # teacher mode: probability of training a sample on the negative prompt (for CFG)
     data_path: str = "prompts/vidprom_filtered_extended.txt"
     lr: float = 2e-6
     lr_critic: float = 4e-7
     beta1: float = 0.0
     beta2: float = 0.999
     weight_decay: float = 0.01
+    lr_cooldown_steps: int = 0  # the last N steps decay the learning rates linearly to 0 (0: constant, as the reference)
     max_grad_norm_generator: float = 10.0
     max_grad_norm_critic: float = 10.0
     batch_size: int = 1  # per GPU and micro-batch
@@ -88,7 +106,8 @@ class TrainingConfig:
     max_steps: int = 601
     ema_weight: float = 0.99
     ema_start_step: int = 200
-    beta: float = 2.0  # reward temperature: weight exp(beta * MQ)
+    beta: float = 2.0  # reward temperature: weight exp(beta * reward)
+    reward_key: str = "MQ"  # the reward's score that weights samples (VideoReward: VQ | MQ | TA; toy: motion)
     guidance_scale: float = 3.0  # teacher CFG
     num_training_frames: int = 21
     min_timestep: float = 20.0
@@ -124,7 +143,11 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
-_FLAVORS = ("tiny", "1.3B", "14B")
+_FLAVORS = ("tiny", "toy", "1.3B", "14B")
+TRAINING_MODES = ("dmd", "ode", "teacher")
+TEXT_ENCODERS = ("umt5-xxl", "tiny", "toy")
+VAES = ("wan2.1", "tiny", "identity")
+REWARDS = ("videoreward", "tiny", "toy_motion")
 
 
 def _validate(cfg: Config, source: str) -> None:
@@ -134,14 +157,14 @@ def _validate(cfg: Config, source: str) -> None:
     for key in ("generator", "critic", "teacher"):
         if getattr(cfg.model, key) not in _FLAVORS:
             fail(f"model.{key}", f"{getattr(cfg.model, key)!r} is not one of {_FLAVORS}")
-    if cfg.model.text_encoder not in ("umt5-xxl", "tiny"):
-        fail("model.text_encoder", f"{cfg.model.text_encoder!r} is not 'umt5-xxl' or 'tiny'")
+    if cfg.model.text_encoder not in TEXT_ENCODERS:
+        fail("model.text_encoder", f"{cfg.model.text_encoder!r} is not one of {TEXT_ENCODERS}")
     if cfg.model.rope_precision not in ("float64", "float32"):
         fail("model.rope_precision", f"{cfg.model.rope_precision!r} is not 'float64' or 'float32'")
-    if cfg.model.reward not in ("videoreward", "tiny"):
-        fail("model.reward", f"{cfg.model.reward!r} is not 'videoreward' or 'tiny'")
-    if cfg.model.vae not in ("wan2.1", "tiny"):
-        fail("model.vae", f"{cfg.model.vae!r} is not 'wan2.1' or 'tiny'")
+    if cfg.model.reward not in REWARDS:
+        fail("model.reward", f"{cfg.model.reward!r} is not one of {REWARDS}")
+    if cfg.model.vae not in VAES:
+        fail("model.vae", f"{cfg.model.vae!r} is not one of {VAES}")
     if cfg.model.compile_mode not in COMPILE_MODES:
         fail("model.compile_mode", f"{cfg.model.compile_mode!r} is not one of {COMPILE_MODES}")
     if cfg.model.compile_fallback not in COMPILE_FALLBACKS:
@@ -149,12 +172,18 @@ def _validate(cfg: Config, source: str) -> None:
     if cfg.video.num_output_frames < 1 or cfg.video.num_output_frames % cfg.causal.frames_per_block:
         fail("video.num_output_frames", f"{cfg.video.num_output_frames} latent frames is not a positive multiple "
              f"of causal.frames_per_block={cfg.causal.frames_per_block} (e.g. 21 for 81 video frames)")
-    if min(cfg.video.height, cfg.video.width) < 16 or cfg.video.height % 16 or cfg.video.width % 16:
-        fail("video", f"height x width {cfg.video.height}x{cfg.video.width} must be positive multiples of 16 "
-             "(VAE stride 8 times the 2x2 patch)")
+    stride = 1 if cfg.model.vae == "identity" else 8
+    multiple = stride * WanConfig.from_flavor(cfg.model.generator).patch_size[1]
+    if min(cfg.video.height, cfg.video.width) < multiple or cfg.video.height % multiple or cfg.video.width % multiple:
+        fail("video", f"height x width {cfg.video.height}x{cfg.video.width} must be positive multiples of {multiple} "
+             f"(VAE stride {stride} times the DiT patch)")
     if cfg.video.fps < 1:
         fail("video.fps", f"must be >= 1, got {cfg.video.fps}")
     tr = cfg.training
+    if tr.mode not in TRAINING_MODES:
+        fail("training.mode", f"{tr.mode!r} is not one of {TRAINING_MODES}")
+    if not 0 <= tr.cfg_dropout < 1:
+        fail("training.cfg_dropout", f"must be in [0, 1), got {tr.cfg_dropout}")
     if tr.reward_weighting not in ("per_sample", "first_sample"):
         fail("training.reward_weighting", f"{tr.reward_weighting!r} is not 'per_sample' or 'first_sample'")
     if tr.reward_pixel_range not in ("unit", "reference"):
@@ -180,7 +209,7 @@ def _validate_training(tr: TrainingConfig, num_train_timesteps: int, fail) -> No
             fail(f"training.{f.name}", f"must be a finite number, got {value}")
     at_least = {"batch_size": 1, "gradient_accumulation_steps": 1, "dfake_gen_update_ratio": 1, "max_steps": 1,
                 "save_every": 1, "log_every": 1, "num_training_frames": 1, "global_batch_size": 0,
-                "sample_every": 0, "ema_start_step": 0, "seed": 0}
+                "sample_every": 0, "ema_start_step": 0, "seed": 0, "lr_cooldown_steps": 0}
     for key, low in at_least.items():
         if getattr(tr, key) < low:
             fail(f"training.{key}", f"must be >= {low}, got {getattr(tr, key)}")

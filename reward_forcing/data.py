@@ -193,3 +193,69 @@ class PromptSampler(Generic[T]):
                 self.start = used
             self.position = 0
         self._shard = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Latent videos: what teacher training and ODE regression read
+# --------------------------------------------------------------------------------------------------
+class LatentVideos:
+    """Training items that are latent videos with their prompts, drawn through a :class:`PromptSampler` over
+    ``items`` (so they shard across ranks and resume like prompts): ``get(items) -> (latents, prompts)`` with
+    latents ``[B, ...]`` stacked.
+
+    Three sources, chosen by :func:`latent_videos`: the toy world (clips drawn on the fly for the sampled
+    prompts), a folder of ``.pt`` files ``{"latents": [F, C, h, w], "prompt": str}`` (e.g. videos encoded with the
+    Wan VAE), and an ODE-pairs file from ``scripts/generate_ode_pairs.py`` (items: trajectories ``[S + 1, F, C,
+    h, w]``, the states at the student's timesteps followed by the teacher's clean sample).
+    """
+
+    def __init__(self, items: Sequence, get):
+        self.items, self._get = list(items), get
+
+    def get(self, items: Sequence) -> tuple[torch.Tensor, list[str]]:
+        return self._get(list(items))
+
+
+def toy_videos(num_frames: int, seed: int = 0) -> LatentVideos:
+    """The toy world's clips (every prompt of its vocabulary), rendered on the fly from a seeded generator."""
+    from .toy import ToyWorld, all_prompts
+
+    world, generator = ToyWorld(), torch.Generator().manual_seed(seed)
+    return LatentVideos(all_prompts(), lambda prompts: (world.render(prompts, num_frames, generator)[0], prompts))
+
+
+def latent_folder(path: str | os.PathLike) -> LatentVideos:
+    files = sorted(Path(path).glob("*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no latent videos (*.pt) in '{path}'; each file holds "
+                                "{'latents': [F, C, h, w], 'prompt': str}")
+
+    def get(paths):
+        loaded = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+        return torch.stack([item["latents"] for item in loaded]), [item["prompt"] for item in loaded]
+
+    return LatentVideos(files, get)
+
+
+ODE_PAIRS_KEYS = ("states", "prompts", "timesteps")
+
+
+def ode_pairs(path: str | os.PathLike) -> LatentVideos:
+    """The trajectories of an ODE-pairs file (``scripts/generate_ode_pairs.py``)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ODE pairs file '{path}' does not exist; write it with "
+                                "scripts/generate_ode_pairs.py (training.ode_pairs_path)")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or any(k not in data for k in ODE_PAIRS_KEYS):
+        raise ValueError(f"'{path}' is not an ODE-pairs file: it needs the keys {ODE_PAIRS_KEYS}")
+    states, prompts = data["states"], data["prompts"]
+    return LatentVideos(range(len(prompts)), lambda idx: (states[idx], [prompts[i] for i in idx]))
+
+
+def latent_videos(spec: str, *, num_frames: int, seed: int = 0) -> LatentVideos:
+    """``training.latent_data``: ``toy`` or a folder of latent ``.pt`` files."""
+    if spec == "toy":
+        return toy_videos(num_frames, seed)
+    if not spec:
+        raise ValueError("training.mode=teacher needs training.latent_data: 'toy' or a folder of latent .pt files")
+    return latent_folder(spec)

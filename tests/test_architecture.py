@@ -19,8 +19,10 @@ LAYERS = {
     "reward_forcing.file_io": 0,  # torch / stdlib only: reading weights, strict loading, atomic writes
     "reward_forcing.models": 1,  # every other model: tensors, own config dataclasses, file paths
     "reward_forcing.schedule": 1,
+    "reward_forcing.toy": 1,  # the toy world: data, word-table text encoder, motion reward, exact metrics
     "reward_forcing.compile": 2,
     "reward_forcing.denoising": 2,  # the one block loop
+    "reward_forcing.sampling": 2,  # the teacher's Euler + CFG sampler (ODE pairs, toy evaluation)
     "reward_forcing.interactive.session": 3,  # the block loop with state; stream() is a loop over it
     "reward_forcing.interactive.events": 3,
     "reward_forcing.pipeline": 4,
@@ -32,10 +34,12 @@ LAYERS = {
     "reward_forcing.training": 7,
     "reward_forcing.evaluation": 7,
     "reward_forcing.interactive": 7,  # its __init__ and start media
+    "reward_forcing.toy.evaluate": 7,  # toy-world evaluation through the pipeline and the teacher sampler
+    "reward_forcing.toy.report": 7,
     "reward_forcing.serve": 8,
 }
 SUBPACKAGES = ("reward_forcing.training", "reward_forcing.evaluation", "reward_forcing.models.video_reward",
-               "reward_forcing.interactive", "reward_forcing.serve")
+               "reward_forcing.interactive", "reward_forcing.serve", "reward_forcing.toy")
 
 
 def module_name(path: Path) -> str:

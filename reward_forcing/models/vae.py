@@ -201,3 +201,62 @@ class WanStreamDecoder:
             self._first_frame = False
         pixels = torch.cat(frames, dim=2).clamp(-1.0, 1.0)
         return pixels.permute(0, 2, 1, 3, 4)
+
+
+class IdentityVAE(torch.nn.Module):
+    """The decoder of a world that lives in latent space (the toy world): latents *are* pixels.
+
+    It answers the same questions as :class:`WanVAE` (geometry, ``encode`` / ``decode``, a stream decoder) with
+    stride 1 in space and time, so the trainer, the pipeline and the session run unchanged on such a world.
+    ``decode`` clamps to [-1, 1] like the Wan VAE.
+    """
+
+    spatial_stride = 1
+    temporal_stride = 1
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.register_buffer("_anchor", torch.zeros((), dtype=dtype), persistent=False)  # follows .to()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        if height <= 0 or width <= 0:
+            raise ValueError(f"video size {height}x{width} must be positive")
+        return height, width
+
+    def video_frames(self, latent_frames: int) -> int:
+        return max(latent_frames, 0)
+
+    def chunk_frames(self, latent_frames: int, *, first: bool) -> int:
+        return latent_frames
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.to(device=self.device, dtype=self.dtype).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.to(device=self.device, dtype=self.dtype)
+
+    def stream_decoder(self) -> "IdentityStreamDecoder":
+        return IdentityStreamDecoder(self)
+
+
+class IdentityStreamDecoder:
+    """Stateless stream decoder of :class:`IdentityVAE` (``reset`` exists for the interface)."""
+
+    def __init__(self, vae: IdentityVAE):
+        self.vae = vae
+
+    def reset(self) -> None:
+        pass
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents)

@@ -82,6 +82,10 @@ class WanConfig:
 WAN_FLAVORS = {
     # The golden tiny model (tests/golden/wan_tiny_config.json): runs everything on a CPU.
     "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
+    # The toy world's DiT (reward_forcing/toy): 3-channel latents that are the pixels, 1x1 patches (a 2x2 patch
+    # printed a grid texture on an 8x8 world), three-word prompts.
+    "toy": WanConfig(dim=64, ffn_dim=256, num_heads=4, num_layers=3, in_dim=3, out_dim=3, text_dim=32, text_len=3,
+                     patch_size=(1, 1, 1)),
     "1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
 }

@@ -166,8 +166,9 @@ def re_dmd_loss(
     return loss, info
 
 
-def critic_loss(flow_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Flow-matching loss of the critic (reference ``FlowPredLoss``): ``mean((v_pred - (noise - x0))^2)``.
+def flow_matching_loss(flow_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Flow-matching loss of the critic (reference ``FlowPredLoss``) and of teacher training:
+    ``mean((v_pred - (noise - x0))^2)``.
 
     ``flow_pred`` is the critic's flow for ``x_t = add_noise(x0, noise, t)`` (the reference converts the
     critic's x0-prediction back with ``x0_to_flow`` on the generator's grid). The target is a constant: x0
@@ -177,3 +178,6 @@ def critic_loss(flow_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) 
     _check_same_shape(flow_pred=flow_pred, noise=noise, x0=x0)
     target = (noise.detach().float() - x0.detach().float())
     return (flow_pred.float() - target).pow(2).mean()
+
+
+critic_loss = flow_matching_loss  # the critic's name for it (DMD's fake-score update)

@@ -234,7 +234,9 @@ def parallelize(models: TrainingModels, cfg: Config, dist_info: DistInfo) -> Tra
     if not dist_info.distributed:
         return models
     mixed = cfg.training.mixed_precision and dist_info.device.type == "cuda"
-    models.teacher.requires_grad_(False).eval()
+    if models.teacher is not None and cfg.training.mode != "teacher":  # frozen unless it is what trains
+        models.teacher.requires_grad_(False).eval()
     for name in ("generator", "critic", "teacher"):
-        setattr(models, name, shard_model(getattr(models, name), mixed_precision=mixed))
+        if getattr(models, name) is not None:  # which models exist depends on training.mode
+            setattr(models, name, shard_model(getattr(models, name), mixed_precision=mixed))
     return models

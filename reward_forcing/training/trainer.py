@@ -1,4 +1,7 @@
-"""Re-DMD training: alternating critic and generator updates with reward-weighted DMD.
+"""Training: Re-DMD (alternating critic and generator updates with reward-weighted DMD), and the two stages
+before it, selected by ``training.mode``: ``ode`` regresses the causal student onto teacher ODE pairs (the ODE
+init), ``teacher`` trains the bidirectional teacher by flow matching with CFG dropout. All three share this
+loop: accumulation, divergence checks, logging, resumable checkpoints and exports.
 
 One **step** is one critic optimizer step; every ``dfake_gen_update_ratio`` steps the generator also takes one
 (the generator update comes first, as in the reference). Each optimizer step accumulates
@@ -13,8 +16,20 @@ self-forcing rollout, ``g`` the normalised DMD gradient ``(x0_fake - x0_real) / 
 teacher under CFG (scale 3) and the critic without, and ``MQ_i`` the normalised motion-quality reward of the
 decoded video. Critic loss: flow matching on fresh no-grad rollouts.
 
+The text encoder, the decoder and the reward are whatever the config builds (``training/build.py``): the
+trainer calls ``text_encoder(prompts)`` / ``encode_negative``, ``vae.decode`` / ``vae.latent_size`` and
+``reward.score(pixels, prompts) -> {name: [B]}``, weighting by the score ``training.reward_key`` - VideoReward's
+MQ for the real recipe, net motion in the toy world.
+
+ODE mode: each sample takes, per block, the trajectory's state at a random one of the student's timesteps, and
+the student (block-causal, one forward over the whole video) regresses its x0 prediction onto the teacher's
+clean sample. Teacher mode: ``mse(v(x_t, t, c), noise - x0)``, with the condition replaced by the negative
+prompt's embedding for a ``cfg_dropout`` fraction of samples.
+
 Run folder (``logdir``): ``log.jsonl`` (one line per step), ``checkpoints/step_N`` (resumable, the last
-``keep_last_checkpoints`` kept), ``checkpoint_model_N/model.pt`` (reference-format exports), ``samples/``.
+``keep_last_checkpoints`` kept), ``checkpoint_model_N/model.pt`` (exports: the reference trainer format for
+dmd, ``{"generator"}`` like ``ode_init.pt`` for ode, ``{"model"}`` for teacher; all load with
+``load_generator_state_dict``), ``samples/``.
 """
 from __future__ import annotations
 
@@ -32,14 +47,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import checkpoints as ckpt
 from ..config import Config, TrainingConfig
-from ..data import PromptSampler
+from ..data import LatentVideos, PromptSampler, latent_videos, ode_pairs
 from ..models.wan import WanModel
 from ..schedule import FlowMatchSchedule, sample_training_timesteps
 from ..video_io import Mp4Writer
 from . import checkpointing, parallel
 from .build import TrainingModels
 from .ema import ShardedEMA
-from .losses import critic_loss, dmd_gradient, re_dmd_loss
+from .losses import critic_loss, dmd_gradient, flow_matching_loss, re_dmd_loss
 from .rollout import RolloutConfig, rollout
 
 log = logging.getLogger(__name__)
@@ -81,8 +96,19 @@ def per_rank_batch_size(tr: TrainingConfig, world_size: int) -> int:
 
 
 def is_generator_step(step: int, tr: TrainingConfig) -> bool:
-    """Whether (0-based) step ``step`` also updates the generator: steps 0, ratio, 2 ratio, ..."""
+    """Whether (0-based) step ``step`` also updates the generator: steps 0, ratio, 2 ratio, ... in dmd mode;
+    every step in ode mode; never in teacher mode."""
+    if tr.mode != "dmd":
+        return tr.mode == "ode"
     return step % tr.dfake_gen_update_ratio == 0
+
+
+def lr_factor(step: int, tr: TrainingConfig) -> float:
+    """Learning-rate multiplier of (0-based) step ``step``: 1, then a linear decay over the last
+    ``lr_cooldown_steps`` steps (the last step still learns a little); constant when that is 0."""
+    if tr.lr_cooldown_steps <= 0:
+        return 1.0
+    return min(1.0, (tr.max_steps - step) / tr.lr_cooldown_steps)
 
 
 @dataclass(frozen=True)
@@ -94,9 +120,11 @@ class TrainingBudget:
     generator_steps: int
     generator_grad_evals: int
     micro_batch: int  # prompts per rank and micro-batch
+    critic_name: str = "critic"  # what the critic counts update: the teacher in teacher mode
 
     def __str__(self) -> str:
-        return (f"critic {self.critic_grad_evals} gradient evaluations in {self.critic_steps} optimizer steps, "
+        return (f"{self.critic_name} {self.critic_grad_evals} gradient evaluations in {self.critic_steps} optimizer "
+                "steps, "
                 f"generator {self.generator_grad_evals} gradient evaluations in {self.generator_steps} optimizer "
                 f"steps (per rank, {self.micro_batch} prompt(s) per micro-batch)")
 
@@ -107,9 +135,11 @@ def training_budget(tr: TrainingConfig, world_size: int = 1, start_step: int = 0
     steps = range(start_step, tr.max_steps)
     gen_steps = sum(1 for step in steps if is_generator_step(step, tr))
     accum = tr.gradient_accumulation_steps
-    return TrainingBudget(critic_steps=len(steps), critic_grad_evals=len(steps) * accum,
+    other = len(steps) if tr.mode != "ode" else 0  # critic updates (dmd) or teacher updates (teacher mode)
+    return TrainingBudget(critic_steps=other, critic_grad_evals=other * accum,
                           generator_steps=gen_steps, generator_grad_evals=gen_steps * accum,
-                          micro_batch=per_rank_batch_size(tr, world_size))
+                          micro_batch=per_rank_batch_size(tr, world_size),
+                          critic_name="teacher" if tr.mode == "teacher" else "critic")
 
 
 class TrainingDiverged(RuntimeError):
@@ -158,9 +188,17 @@ class Trainer:
             checkpointing.remove_leftovers(self.ckpt_dir)
         parallel.barrier()
 
+        self.mode = self.tr.mode
         self.batch_size = per_rank_batch_size(self.tr, dist.world_size)
         parallel.seed_everything(self.tr.seed, dist.rank)
-        self.sampler = PromptSampler(prompts, rank=dist.rank, world_size=dist.world_size, seed=self.tr.seed)
+        self.videos: LatentVideos | None = None  # what teacher / ode mode train on; dmd trains on prompts
+        if self.mode == "teacher":
+            self.videos = latent_videos(self.tr.latent_data, num_frames=self.tr.num_training_frames,
+                                        seed=self.tr.seed + dist.rank)
+        elif self.mode == "ode":
+            self.videos = ode_pairs(self.tr.ode_pairs_path)
+        items = prompts if self.videos is None else self.videos.items
+        self.sampler = PromptSampler(items, rank=dist.rank, world_size=dist.world_size, seed=self.tr.seed)
         self.schedule = FlowMatchSchedule(cfg.schedule.timestep_shift)
         self.score_schedule = FlowMatchSchedule(self.tr.score_timestep_shift)
         steps = cfg.schedule.denoising_step_list
@@ -169,16 +207,28 @@ class Trainer:
             context_noise=cfg.schedule.context_noise, reference_context_noise=self.tr.reference_context_noise,
             sink_policy=self.tr.rollout_sink_policy)
 
-        for frozen in (models.teacher, models.text_encoder, models.vae, models.reward):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
-        models.generator.train().enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
-        models.critic.train().enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+        # What trains in each mode: name -> (model, learning rate, gradient-norm clip)
+        trained = {"dmd": {"generator": (models.generator, self.tr.lr, self.tr.max_grad_norm_generator),
+                           "critic": (models.critic, self.tr.lr_critic, self.tr.max_grad_norm_critic)},
+                   "ode": {"generator": (models.generator, self.tr.lr, self.tr.max_grad_norm_generator)},
+                   "teacher": {"teacher": (models.teacher, self.tr.lr, self.tr.max_grad_norm_generator)}}[self.mode]
+        for model in (models.teacher, models.text_encoder, models.vae, models.reward):
+            if model is not None and model not in [m for m, _, _ in trained.values()]:
+                model.requires_grad_(False).eval()
         betas = (self.tr.beta1, self.tr.beta2)
-        self.gen_opt = torch.optim.AdamW(models.generator.parameters(), lr=self.tr.lr, betas=betas,
-                                         weight_decay=self.tr.weight_decay)
-        self.critic_opt = torch.optim.AdamW(models.critic.parameters(), lr=self.tr.lr_critic, betas=betas,
-                                            weight_decay=self.tr.weight_decay)
+        self.models: dict[str, WanModel] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.max_norms: dict[str, float] = {}
+        self.base_lrs: dict[str, float] = {}
+        for name, (model, lr, max_norm) in trained.items():
+            model.train().enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+            self.models[name] = model
+            self.optimizers[name] = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas,
+                                                      weight_decay=self.tr.weight_decay)
+            self.max_norms[name] = max_norm
+            self.base_lrs[name] = lr
+        self.gen_opt = self.optimizers.get("generator")
+        self.critic_opt = self.optimizers.get("critic")
         self.ema: ShardedEMA | None = None
         self.step = 0
         # One process on a GPU: autocast gives the bf16 compute FSDP2's policy gives several processes.
@@ -196,6 +246,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------ data
     def _next_prompts(self) -> list[str]:
         return [next(self.sampler) for _ in range(self.batch_size)]
+
+    def _next_batch(self):
+        """A micro-batch: prompts (dmd), or ``(latents, prompts)`` of latent videos / ODE trajectories."""
+        items = [next(self.sampler) for _ in range(self.batch_size)]
+        if self.videos is None:
+            return items
+        latents, prompts = self.videos.get(items)
+        return latents.to(self.device), prompts
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,8 +298,11 @@ class Trainer:
             with torch.no_grad():
                 pixels = self.m.vae.decode(x.detach().to(self.m.vae.dtype))
                 scores = self.m.reward.score(pixels, prompts)
-            reward = scores["MQ"].to(self.device)
-            info.update(reward_vq=scores["VQ"], reward_mq=scores["MQ"], reward_ta=scores["TA"])
+            if self.tr.reward_key not in scores:
+                raise ValueError(f"training.reward_key={self.tr.reward_key!r} is not a score of model.reward="
+                                 f"{self.cfg.model.reward!r}, which gives {sorted(scores)}")
+            reward = scores[self.tr.reward_key].to(self.device)
+            info.update({f"reward_{name.lower()}": value for name, value in scores.items()})
         with torch.no_grad():
             t = self._timesteps(x.shape[0])
             x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t[:, None])
@@ -267,13 +328,45 @@ class Trainer:
             flow = self.schedule.x0_to_flow(self.score_schedule.flow_to_x0(flow, x_t, t), x_t, t)
         return critic_loss(flow, noise, x), {}
 
+    def ode_loss(self, batch: tuple[torch.Tensor, list[str]]) -> tuple[torch.Tensor, dict]:
+        """ODE regression of the causal student (module docstring)."""
+        states, prompts = batch  # [B, S + 1, F, C, h, w]: states at the student's timesteps, then the clean sample
+        cond, _ = self._encode(prompts)
+        steps = torch.tensor(self.rollout_cfg.timesteps, device=self.device)
+        b, s1, f = states.shape[:3]
+        if s1 != len(steps) + 1:
+            raise ValueError(f"the ODE pairs hold {s1 - 1} states per trajectory; the student has {len(steps)} "
+                             f"timesteps {self.rollout_cfg.timesteps}: regenerate them for this schedule")
+        block = self.m.generator.causal.frames_per_block
+        index = torch.randint(len(steps), (b, f // block), device=self.device).repeat_interleave(block, dim=1)
+        x_t = states[torch.arange(b, device=self.device)[:, None], index, torch.arange(f, device=self.device)]
+        t = steps[index]  # [B, F]: one timestep per block
+        with self.autocast:
+            flow = self.m.generator(x_t.to(self.compute_dtype), t, cond.to(self.compute_dtype), causal=True)
+        x0 = self.schedule.flow_to_x0(flow.float(), x_t.float(), t)
+        return (x0 - states[:, -1].float()).pow(2).mean(), {}
+
+    def teacher_loss(self, batch: tuple[torch.Tensor, list[str]]) -> tuple[torch.Tensor, dict]:
+        """Flow matching of the bidirectional teacher with CFG dropout (module docstring)."""
+        x0, prompts = batch
+        cond, uncond = self._encode(prompts)
+        drop = torch.rand(len(prompts), device=self.device) < self.tr.cfg_dropout
+        context = torch.where(drop[:, None, None], uncond, cond)
+        t = self._timesteps(len(prompts))
+        noise = torch.randn_like(x0)
+        x_t = self.schedule.add_noise(x0, noise, t[:, None])
+        with self.autocast:
+            flow = self.m.teacher(x_t.to(self.compute_dtype), t, context.to(self.compute_dtype))
+        return flow_matching_loss(flow, noise, x0), {}
+
     # ----------------------------------------------------------------------------------- steps
-    def _update(self, model, optimizer, loss_fn, max_norm: float, name: str, logs: StepLog) -> None:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+    def _update(self, name: str, loss_fn, logs: StepLog) -> None:
+        """One optimizer step of the trained model ``name`` over ``gradient_accumulation_steps`` micro-batches."""
+        model, optimizer, max_norm = self.models[name], self.optimizers[name], self.max_norms[name]
         accum = self.tr.gradient_accumulation_steps
         optimizer.zero_grad(set_to_none=True)
         for _ in range(accum):
-            loss, info = loss_fn(self._next_prompts())
+            loss, info = loss_fn(self._next_batch())
             # Agreed across ranks, so a NaN on one rank stops every rank at the same point (no hang).
             if not parallel.all_ranks_ok(bool(torch.isfinite(loss.detach()).all())):
                 raise TrainingDiverged(f"{name} loss is {loss.item()} at step {self.step}; weights were not "
@@ -284,6 +377,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
+        for group in optimizer.param_groups:  # a function of the step alone, so a resumed run gets the same values
+            group["lr"] = self.base_lrs[name] * lr_factor(self.step, self.tr)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         logs.set(f"{name}_grad_norm", grad_norm.item())
@@ -291,16 +386,19 @@ class Trainer:
     def train_step(self) -> dict:
         logs = StepLog()
         start = time.time()
-        if is_generator_step(self.step, self.tr):
-            self._update(self.m.generator, self.gen_opt, self.generator_loss, self.tr.max_grad_norm_generator,
-                         "generator", logs)
+        if self.mode == "teacher":
+            self._update("teacher", self.teacher_loss, logs)
+        elif self.mode == "ode":
+            self._update("generator", self.ode_loss, logs)
+        elif is_generator_step(self.step, self.tr):
+            self._update("generator", self.generator_loss, logs)
             if self.step >= self.tr.ema_start_step:
                 if self.ema is None:  # starts as a copy of the current weights, like the reference
                     self.ema = ShardedEMA(self.m.generator)
                 else:
                     self.ema.update(self.m.generator, self.tr.ema_weight)
-        self._update(self.m.critic, self.critic_opt, self.critic_loss, self.tr.max_grad_norm_critic, "critic",
-                     logs)
+        if self.mode == "dmd":
+            self._update("critic", self.critic_loss, logs)
         self.step += 1
         values = logs.reduce()
         values["step"] = self.step
@@ -310,15 +408,15 @@ class Trainer:
     def train(self) -> None:
         bar = tqdm(total=self.tr.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.dist.is_main)
-        last_gen = float("nan")
+        last = {name: float("nan") for name in self.models}
         # Log lines (metrics, saves) go through tqdm.write, above the bar instead of over it.
         with logging_redirect_tqdm(), bar:
             while self.step < self.tr.max_steps:
                 values = self.train_step()
                 self._log(values)
                 bar.update(1)
-                last_gen = values.get("generator_loss", last_gen)
-                bar.set_postfix(gen=f"{last_gen:.4g}", critic=f"{values['critic_loss']:.4g}")
+                last = {name: values.get(f"{name}_loss", loss) for name, loss in last.items()}
+                bar.set_postfix({name[:6]: f"{loss:.4g}" for name, loss in last.items()})
                 if self.tr.sample_every and self.step % self.tr.sample_every == 0:
                     self.write_sample()
                 if self.step % self.tr.save_every == 0 or self.step == self.tr.max_steps:
@@ -370,16 +468,17 @@ class Trainer:
         ``keep_last_checkpoints`` resumable checkpoints are kept."""
         path = self.ckpt_dir / f"step_{self.step:06d}"
         extra = {"step": self.step, "sampler": self.sampler.state_dict(), "has_ema": self.ema is not None}
-        checkpointing.save_training_state(path, models={"generator": self.m.generator, "critic": self.m.critic},
-                                          optimizers={"generator": self.gen_opt, "critic": self.critic_opt},
+        checkpointing.save_training_state(path, models=self.models, optimizers=self.optimizers,
                                           stateful={"ema": self.ema} if self.ema is not None else None,
                                           extra=extra)
-        generator_sd = checkpointing.full_state_dict(self.m.generator)
-        critic_sd = checkpointing.full_state_dict(self.m.critic)
+        weights = {name: checkpointing.full_state_dict(model) for name, model in self.models.items()}
         ema_sd = self.ema.full_state_dict(self.m.generator) if self.ema is not None else None
         if self.dist.is_main:
-            ckpt.export_reference_checkpoint(self.logdir / f"{EXPORT_PREFIX}{self.step:06d}" / "model.pt",
-                                             generator_sd, critic_sd, ema_sd)
+            export = self.logdir / f"{EXPORT_PREFIX}{self.step:06d}" / "model.pt"
+            if self.mode == "teacher":
+                ckpt.export_model_checkpoint(export, weights["teacher"])
+            else:  # dmd: the reference trainer format; ode: {"generator"}, the format of ode_init.pt
+                ckpt.export_reference_checkpoint(export, weights["generator"], weights.get("critic"), ema_sd)
             for old in checkpointing.prune_checkpoints(self.ckpt_dir, self.tr.keep_last_checkpoints):
                 log.info("removed %s (keep_last_checkpoints=%d)", old, self.tr.keep_last_checkpoints)
             log.info("saved %s", path)
@@ -392,12 +491,11 @@ class Trainer:
         if path is None:
             log.info("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
             return
-        ema = ShardedEMA(self.m.generator)  # shards shaped for this run; the saved values are loaded into it
         has_ema = checkpointing.checkpoint_extra(path)["has_ema"]
-        meta = checkpointing.load_training_state(
-            path, models={"generator": self.m.generator, "critic": self.m.critic},
-            optimizers={"generator": self.gen_opt, "critic": self.critic_opt},
-            stateful={"ema": ema} if has_ema else None)
+        # shards shaped for this run; the saved values are loaded into it
+        ema = ShardedEMA(self.m.generator) if has_ema else None
+        meta = checkpointing.load_training_state(path, models=self.models, optimizers=self.optimizers,
+                                                 stateful={"ema": ema} if has_ema else None)
         self.step = meta["step"]
         self.sampler.load_state_dict(meta["sampler"])  # re-partitions the epoch if the number of ranks changed
         self.ema = ema if has_ema else None

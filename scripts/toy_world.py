@@ -1,0 +1,303 @@
+"""The toy world, end to end: teacher -> ODE pairs -> ODE init -> DMD / Re-DMD -> long rollouts -> report.
+
+    python scripts/toy_world.py                     # the full run (<= 60 min on 2 CPU cores, committed teacher)
+    python scripts/toy_world.py --smoke             # every stage for a few steps (< 2 min; CI runs this)
+    python scripts/toy_world.py --retrain_teacher   # also retrain configs/toy/teacher.pt (~35 CPU-minutes)
+    python scripts/toy_world.py --seeds 5 --beta 2 training.lr=3e-4   # an ablation: overrides go to DMD runs
+
+Every training stage is ``train.py`` with a config of ``configs/toy/`` (the project's trainer, rollout, losses and
+KV cache; nothing here is a second copy), run as a subprocess with one thread per process: the DMD runs ``--jobs``
+at a time, a stage that runs alone (ODE pairs, ODE init, teacher) under torchrun with ``--jobs`` CPU ranks and the
+same global batch. A stage whose output exists in ``--out`` is reused (``--force`` redoes them), so an interrupted run
+continues where it stopped. The script prints the acceptance gates as a table next to the data's values, writes
+``results.json``, ``report.md`` and the plots to ``--out``, and exits 1 when a gate fails (never in ``--smoke``,
+whose models are trained for a few steps only). docs/toy_world.md explains the gates and shows the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reward_forcing.build import build_dit, build_pipeline, build_text_encoder  # noqa: E402
+from reward_forcing.config import load_config  # noqa: E402
+from reward_forcing.toy import evaluate as ev  # noqa: E402
+from reward_forcing.toy import report  # noqa: E402
+from reward_forcing.toy.world import data_reference  # noqa: E402
+
+TEACHER = ROOT / "configs/toy/teacher.pt"
+CONFIGS = {name: ROOT / f"configs/toy/{name}.yaml" for name in ("teacher", "ode", "dmd")}
+EXPORT = "export.pt"  # each training stage's final weights, copied out of its run folder
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Run the whole Reward Forcing recipe on the toy world and check the "
+                                "acceptance gates (docs/toy_world.md).",
+                                epilog="Extra key=value arguments override the DMD / Re-DMD configs.")
+    p.add_argument("--out", default="runs/toy", help="output folder (default runs/toy)")
+    p.add_argument("--smoke", action="store_true", help="every stage for a few steps; gates not enforced")
+    p.add_argument("--retrain_teacher", action="store_true", help=f"train the teacher and replace {TEACHER.name}")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per beta for DMD and Re-DMD (default 3)")
+    p.add_argument("--beta", type=float, default=3.0, help="Re-DMD reward temperature (default 3)")
+    p.add_argument("--dmd_steps", type=int, default=None, help="training steps of each DMD run (config: 300)")
+    p.add_argument("--pairs", type=int, default=512, help="ODE pairs to sample (default 512)")
+    p.add_argument("--jobs", type=int, default=2, help="training processes at once (default 2: one per core)")
+    p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the DMD runs")
+    return p.parse_intermixed_args(argv)
+
+
+class Stages:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.out = args, Path(args.out)
+        self.smoke = args.smoke
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+                    "HF_HUB_OFFLINE": "1"}
+
+    # ------------------------------------------------------------------------------------- helpers
+    def launcher(self, ranks: int) -> list[str]:
+        """``python``, or torchrun with ``ranks`` CPU processes (gloo) for a stage that runs alone."""
+        if ranks == 1:
+            return [sys.executable]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+
+    def _train_command(self, config: str, logdir: Path, overrides: list[str], ranks: int = 1) -> list[str]:
+        if ranks > 1:  # the same global batch, split over the ranks
+            batch = load_config(CONFIGS[config], overrides).training.batch_size
+            overrides = [*overrides, f"training.global_batch_size={batch}"]
+        return [*self.launcher(ranks), str(ROOT / "train.py"), "--config_path", str(CONFIGS[config]), "--logdir",
+                str(logdir), "--disable-wandb", "--overwrite", *overrides]
+
+    def run_all(self, jobs: list[tuple[str, list[str], Path]]) -> None:
+        """Run ``(name, command, log file)`` jobs, ``--jobs`` at a time; stop at the first failure."""
+        pending, running = list(jobs), []
+        while pending or running:
+            while pending and len(running) < max(1, self.args.jobs):
+                name, cmd, log = pending.pop(0)
+                print(f"[{time.strftime('%H:%M:%S')}] start {name}", flush=True)
+                running.append((name, log, time.time(), subprocess.Popen(
+                    cmd, cwd=ROOT, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT)))
+            time.sleep(0.2)
+            for job in list(running):
+                name, log, start, proc = job
+                if proc.poll() is None:
+                    continue
+                running.remove(job)
+                if proc.returncode:
+                    for _, _, _, other in running:
+                        other.terminate()
+                    tail = log.read_text().replace("\r", "\n").splitlines()[-15:]
+                    raise SystemExit(f"error: {name} failed (exit {proc.returncode}); last lines of {log}:\n"
+                                     + "\n".join(tail))
+                print(f"[{time.strftime('%H:%M:%S')}] done  {name} in {time.time() - start:.0f} s", flush=True)
+
+    def train(self, jobs: list[tuple[str, str, list[str]]]) -> list[Path]:
+        """Training stages ``(name, config, overrides)``; returns each run's export (reused when present)."""
+        todo, exports = [], []
+        for name, config, overrides in jobs:
+            logdir = self.out / name
+            exports.append(logdir / EXPORT)
+            if exports[-1].is_file() and not self.args.force:
+                print(f"reuse {exports[-1]}")
+                continue
+            todo.append((name, config, logdir, overrides))
+        # A stage that runs alone uses every core through torchrun; several runs take one core each.
+        ranks = self.args.jobs if len(todo) == 1 and not self.smoke else 1
+        todo = [(name, self._train_command(config, logdir, overrides, ranks), self.out / f"{name}.log")
+                for name, config, logdir, overrides in todo]
+        self.run_all(todo)
+        for export in exports:
+            if not export.is_file():  # the newest export of the run becomes its final weights
+                newest = sorted(export.parent.glob("checkpoint_model_*/model.pt"))[-1]
+                shutil.copyfile(newest, export)
+        return exports
+
+    # --------------------------------------------------------------------------------------- stages
+    def teacher(self) -> Path:
+        if not (self.smoke or self.args.retrain_teacher):
+            if not TEACHER.is_file():
+                raise SystemExit(f"error: {TEACHER} is missing; train it with --retrain_teacher")
+            return TEACHER
+        steps = ["training.max_steps=3", "training.save_every=3", "training.batch_size=4"] if self.smoke else []
+        (export,) = self.train([("teacher", "teacher", steps)])
+        if not self.smoke:
+            shutil.copyfile(export, TEACHER)
+            print(f"wrote {TEACHER}")
+        return export
+
+    def ode_pairs(self, teacher: Path) -> Path:
+        path = self.out / "ode_pairs.pt"
+        if path.is_file() and not self.args.force:
+            print(f"reuse {path}")
+            return path
+        count, steps = (8, 4) if self.smoke else (self.args.pairs, 32)
+        ranks = 1 if self.smoke else self.args.jobs  # torchrun on the CPU (gloo): one rank per core
+        cmd = [*self.launcher(ranks), str(ROOT / "scripts/generate_ode_pairs.py"), "--config_path", str(CONFIGS["ode"]),
+               "--out", str(path), "--num_samples", str(count), "--steps", str(steps),
+               f"training.teacher_ckpt={teacher}"]
+        self.run_all([("ode_pairs", cmd, self.out / "ode_pairs.log")])
+        return path
+
+    def ode(self, teacher: Path, pairs: Path) -> Path:
+        steps = ["training.max_steps=3", "training.save_every=3", "training.batch_size=4"] if self.smoke else []
+        (export,) = self.train([("ode", "ode", [f"training.generator_ckpt={teacher}",
+                                                f"training.teacher_ckpt={teacher}",
+                                                f"training.ode_pairs_path={pairs}", *steps])])
+        return export
+
+    def dmd(self, teacher: Path, student: Path) -> dict[tuple[float, int], Path]:
+        seeds = 1 if self.smoke else self.args.seeds
+        steps = ["training.max_steps=2", "training.save_every=2", "training.batch_size=2",
+                 "training.dfake_gen_update_ratio=1"] if self.smoke else (
+            [f"training.max_steps={self.args.dmd_steps}", f"training.save_every={self.args.dmd_steps}"]
+            if self.args.dmd_steps else [])
+        runs = [(beta, seed) for seed in range(seeds) for beta in (0.0, self.args.beta)]
+        jobs = [(f"dmd_beta{beta:g}_seed{seed}", "dmd",
+                 [f"training.generator_ckpt={student}", f"training.teacher_ckpt={teacher}",
+                  f"training.critic_ckpt={teacher}", f"training.beta={beta}", f"training.seed={seed}",
+                  *steps, *self.args.overrides]) for beta, seed in runs]
+        return dict(zip(runs, self.train(jobs)))
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def evaluate(stages: Stages, teacher: Path, student: Path, dmd: dict[tuple[float, int], Path]) -> dict:
+    smoke, beta = stages.smoke, stages.args.beta
+    torch.set_num_threads(1)
+    cfg = load_config(CONFIGS["dmd"], [*stages.args.overrides, f"training.generator_ckpt={student}",
+                                       f"training.teacher_ckpt={teacher}"])  # e.g. causal.* for the students
+    repeats, any_repeats, blocks = (1, 1, 4) if smoke else (4, 8, 40)
+    prompts = ev.eval_prompts(("static", "fast"), repeats)  # 96 clips (smoke: 24)
+    bimodal = ev.eval_prompts(("any",), any_repeats)  # 96 clips of the 'any' prompts (smoke: 12)
+    text = build_text_encoder(cfg)
+    results: dict = {"data": data_reference(ev.WORLD), "smoke": smoke, "beta": beta}
+    videos = {}
+
+    teacher_model = build_dit(cfg, "toy", weights=teacher, what="teacher").eval()
+    steps = 4 if smoke else 32
+    videos["teacher"] = ev.sample_teacher_videos(teacher_model, text, prompts + bimodal, steps=steps)
+    results["teacher"] = ev.as_dict(ev.group_metrics(videos["teacher"], prompts + bimodal))
+
+    def student_videos(weights: Path, chosen: list[str], **kw) -> torch.Tensor:
+        pipe = build_pipeline(cfg, checkpoint=weights)
+        return ev.sample_student_videos(pipe, chosen, **kw)
+
+    videos["ode"] = student_videos(student, prompts + bimodal)
+    results["ode"] = ev.as_dict(ev.group_metrics(videos["ode"], prompts + bimodal))
+
+    results["dmd"] = {}
+    fast = {}
+    for (b, seed), weights in sorted(dmd.items()):
+        name = f"beta{b:g}_seed{seed}"
+        v = student_videos(weights, prompts + bimodal)
+        videos[name] = v
+        results["dmd"][name] = ev.as_dict(ev.group_metrics(v, prompts + bimodal))
+        fast[(b, seed)] = ev.metrics.net_motion(v[len(prompts):]) > ev.FAST_THRESHOLD
+    seeds = sorted({seed for _, seed in dmd})
+    differences = torch.stack([fast[(beta, s)].float() - fast[(0.0, s)].float() for s in seeds])  # paired
+    mean, low, high = ev.bootstrap_mean_ci(differences)
+    results["re_dmd"] = {"per_seed": {str(s): {"fast_fraction_beta0": fast[(0.0, s)].float().mean().item(),
+                                               f"fast_fraction_beta{beta:g}": fast[(beta, s)].float().mean().item()}
+                                      for s in seeds},
+                         "mean_difference": mean, "ci95": [low, high], "samples_per_seed": len(bimodal)}
+    results["motion_any"] = {name: ev.metrics.net_motion(v[len(prompts):]).tolist() for name, v in videos.items()
+                             if name.startswith("beta")}
+
+    long_prompts = ev.eval_prompts(("static", "fast"), 1)  # 24 clips
+    long_student = dmd[(0.0, seeds[0])]
+    results["long_rollout"], results["long_windows"] = {}, {}
+    for policy in ("none", "static", "ema"):
+        v = student_videos(long_student, long_prompts, num_frames=3 * blocks, sink_policy=policy)
+        window = min(21, v.shape[1])
+        results["long_rollout"][policy] = ev.rollout_drift(v, long_prompts, window)
+        results["long_windows"][policy] = ev.windowed(v)
+        videos[f"long_{policy}"] = v[:4]
+    videos["data"] = ev.WORLD.render(prompts[:24] , 9, torch.Generator().manual_seed(0))[0]
+    return results, videos, prompts
+
+
+def gates(results: dict) -> list[dict]:
+    """The acceptance gates (docs/toy_world.md), each with its value, threshold and the data's value."""
+    data = results["data"]
+    rows = []
+
+    def gate(stage, name, value, ok, threshold, reference="", kind="engineering"):
+        rows.append({"stage": stage, "gate": name, "value": value, "threshold": threshold, "data": reference,
+                     "pass": bool(ok), "kind": kind})
+
+    t = results["teacher"]
+    gap = t["fast"]["net_motion"] - t["static"]["net_motion"]
+    gate("teacher", "speed gap (px/frame)", gap, gap >= 0.5 * data["speed_gap"], f">= {0.5 * data['speed_gap']:.3f}",
+         f"{data['speed_gap']:.3f}")
+    gate("teacher", "colour accuracy", t["all"]["colour_accuracy"], t["all"]["colour_accuracy"] >= 0.9, ">= 0.9", "1")
+    gate("teacher", "blobs per frame", t["all"]["blobs_per_frame"], t["all"]["blobs_per_frame"] <= 1.3, "<= 1.3", "1")
+    o = results["ode"]
+    for key in ("net_motion", "flicker"):
+        ref, value = t["all"][key], o["all"][key]
+        ok = abs(value - ref) <= 0.3 * abs(ref)
+        gate("ode init", f"{key.replace('_', ' ')} vs teacher {ref:.3f}", value, ok, "within 30 %",
+             f"{data['flicker'] if key == 'flicker' else ''}")
+    for name, d in results["dmd"].items():
+        if not name.startswith("beta0_"):
+            continue
+        gate("dmd", f"{name} colour accuracy", d["all"]["colour_accuracy"], d["all"]["colour_accuracy"] >= 0.9,
+             ">= 0.9", "1")
+        gate("dmd", f"{name} static < fast motion", d["fast"]["net_motion"] - d["static"]["net_motion"],
+             d["static"]["net_motion"] < d["fast"]["net_motion"], "> 0", f"{data['speed_gap']:.3f}")
+    r = results["re_dmd"]
+    beta = results["beta"]
+    every = all(v[f"fast_fraction_beta{beta:g}"] > v["fast_fraction_beta0"] for v in r["per_seed"].values())
+    gate("re-dmd", f"fast fraction, beta {beta:g} - beta 0 (95% CI {r['ci95'][0]:+.3f}..{r['ci95'][1]:+.3f})",
+         r["mean_difference"], every, "> 0 in every seed", "", kind="research")
+    for policy, d in results["long_rollout"].items():
+        ok = abs(d["std_ratio"] - 1) <= 0.3 and d["colour_accuracy"] >= 0.9
+        gate("long rollout", f"{policy}: std last/first, colour {d['colour_accuracy']:.2f}", d["std_ratio"], ok,
+             "within 30 %, colour >= 0.9", "1")
+    return rows
+
+
+def print_gates(rows: list[dict], smoke: bool) -> None:
+    print(f"\n{'stage':<13} {'gate':<58} {'value':>9}  {'threshold':<26} {'data':>6}  result")
+    for r in rows:
+        verdict = "PASS" if r["pass"] else ("fail (smoke)" if smoke else "FAIL")
+        print(f"{r['stage']:<13} {r['gate']:<58} {r['value']:>9.3f}  {r['threshold']:<26} {r['data']:>6}  "
+              f"{verdict}{'' if r['kind'] == 'engineering' else ' [research]'}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.seeds < 1 or args.jobs < 1 or args.pairs < 1:
+        print("error: --seeds, --jobs and --pairs must be >= 1", file=sys.stderr)
+        return 2
+    start = time.time()
+    stages = Stages(args)
+    teacher = stages.teacher()
+    pairs = stages.ode_pairs(teacher)
+    student = stages.ode(teacher, pairs)
+    dmd = stages.dmd(teacher, student)
+    print(f"[{time.strftime('%H:%M:%S')}] evaluating", flush=True)
+    results, videos, prompts = evaluate(stages, teacher, student, dmd)
+    rows = gates(results)
+    results["gates"] = rows
+    results["minutes"] = (time.time() - start) / 60
+    (stages.out / "results.json").write_text(json.dumps(results, indent=1))
+    report.write(stages.out, results, videos, prompts)
+    print_gates(rows, args.smoke)
+    print(f"\nresults: {stages.out / 'results.json'}, report: {stages.out / 'report.md'} "
+          f"({results['minutes']:.1f} min)")
+    failed = [r for r in rows if not r["pass"]]
+    return 0 if args.smoke or not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
