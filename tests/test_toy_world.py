@@ -9,7 +9,7 @@ import torch
 
 from reward_forcing.build import build_dit, build_pipeline, build_reward, build_text_encoder, build_vae
 from reward_forcing.config import ConfigError, load_config
-from reward_forcing.data import ode_pairs
+from reward_forcing.data import latent_videos, ode_pairs
 from reward_forcing.models.vae import IdentityVAE
 from reward_forcing.sampling import euler_sigmas, sample_teacher
 from reward_forcing.schedule import FlowMatchSchedule
@@ -84,8 +84,8 @@ def test_toy_configs_build_the_toy_parts():
     cfg = load_config(TOY / "dmd.yaml")
     assert isinstance(build_text_encoder(cfg), ToyTextEncoder) and isinstance(build_vae(cfg), IdentityVAE)
     assert isinstance(build_reward(cfg), ToyMotionReward)
-    for name in ("teacher", "ode", "dmd"):
-        assert load_config(TOY / f"{name}.yaml").training.mode == name
+    for name, mode in {"teacher": "teacher", "teacher_refine": "teacher", "ode": "ode", "dmd": "dmd"}.items():
+        assert load_config(TOY / f"{name}.yaml").training.mode == mode
     with pytest.raises(ConfigError, match="training.mode: 'distill' is not one of"):
         load_config(TOY / "dmd.yaml", ["training.mode=distill"])
     with pytest.raises(ConfigError, match="height x width 12x8 must be positive multiples of 16"):
@@ -142,6 +142,22 @@ def test_generate_ode_pairs_script_writes_what_ode_mode_reads(tmp_path):
                               str(TOY / "ode.yaml"), "--out", str(out), "training.teacher_ckpt=nope.pt"],
                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert missing.returncode == 2 and "nope.pt" in missing.stderr
+
+
+def test_teacher_data_sources(tmp_path):
+    for i in range(3):
+        torch.save({"latents": torch.full((9, 3, 8, 8), float(i)), "prompt": f"red fast {['left', 'up', 'down'][i]}"},
+                   tmp_path / f"clip{i}.pt")
+    folder = latent_videos(str(tmp_path), num_frames=9)
+    latents, prompts = folder.get(folder.items[1:])
+    assert latents[:, 0, 0, 0, 0].tolist() == [1.0, 2.0] and prompts == ["red fast up", "red fast down"]
+    toy = latent_videos("toy", num_frames=6, seed=0)
+    latents, prompts = toy.get(["blue static up", "red fast left"])
+    assert latents.shape == (2, 6, 3, 8, 8) and len(toy.items) == 36
+    with pytest.raises(FileNotFoundError, match="no latent videos"):
+        latent_videos(str(tmp_path / "empty"), num_frames=9)
+    with pytest.raises(ValueError, match="training.mode=teacher needs training.latent_data"):
+        latent_videos("", num_frames=9)
 
 
 # ----------------------------------------------------------------------------------- training modes
