@@ -49,8 +49,7 @@ class StreamingPipeline:
                  height: int = 480, width: int = 832, phase_hook: PhaseHook | None = None):
         self.generator, self.text_encoder, self.vae = generator.eval(), text_encoder, vae
         self.schedule = FlowMatchSchedule(timestep_shift)
-        steps = list(denoising_steps)
-        timesteps = self.schedule.warp(steps) if warp else [float(s) for s in steps]
+        timesteps = self.schedule.denoising_timesteps(list(denoising_steps), warp)
         self.denoiser = BlockDenoiser(generator, self.schedule, timesteps, context_noise=context_noise)
         self.offload_text_encoder = offload_text_encoder
         self.height, self.width = height, width
@@ -111,11 +110,13 @@ class StreamingPipeline:
 
     def kv_cache(self, batch: int, height: int, width: int, num_frames: int) -> KVCache:
         """The pipeline's cache for latents ``height x width``, reset: reused across prompts, reallocated only
-        when the batch or geometry changes."""
+        when the batch, the geometry or the generator's attention pattern (``generator.causal``: window, sink,
+        policy, alpha) changes."""
         tokens = self.generator.tokens_per_frame(height, width)
         c = self.cache
         if (c is None or c.batch_size != batch or c.frame_tokens != tokens or c.k.dtype != self.dtype
-                or c.k.device != self.device or (not c.wraps and c.capacity < num_frames)):
+                or c.k.device != self.device or c.spec != self.generator.causal
+                or (not c.wraps and c.capacity < num_frames)):
             c = self.cache = self.generator.new_kv_cache(batch, height, width, max_frames=num_frames)
         c.reset()
         return c

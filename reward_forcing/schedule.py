@@ -72,6 +72,11 @@ class FlowMatchSchedule:
             out.append(float(extended[index]))
         return out
 
+    def denoising_timesteps(self, steps: Sequence[float], warp: bool = True) -> list[float]:
+        """The student's few-step timesteps of a config's ``denoising_step_list``: warped (``warp_denoising_step``,
+        the reference's default) or as given."""
+        return self.warp(steps) if warp else [float(s) for s in steps]
+
     # ------------------------------------------------------------------------------------------- maths
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """``(1 - sigma) x0 + sigma noise`` with sigma snapped to the grid, in the dtype of ``noise``.

@@ -4,7 +4,7 @@
         --num_samples 1024
     torchrun --nproc_per_node=8 scripts/generate_ode_pairs.py --config_path configs/X.yaml --out pairs.pt ...
 
-For each prompt (drawn in order, cycling, from ``training.data_path``, or every toy prompt for the toy world)
+For each prompt (drawn in order, cycling, from ``training.data_path``)
 the teacher (``model.teacher`` with ``training.teacher_ckpt``, or its base weights) runs ``--steps``-step Euler
 with CFG ``training.guidance_scale`` on the shifted grid of ``schedule.timestep_shift``, and the states at the
 student's warped timesteps are kept with the clean sample. The output ``{"states": [N, S + 1, F, C, h, w],
@@ -46,14 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def prompts_of(cfg) -> list[str]:
-    if cfg.model.text_encoder == "toy":
-        from reward_forcing.toy import all_prompts
-
-        return all_prompts()
-    return [p.conditioning for p in read_prompts(cfg.training.data_path)]
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     dist = parallel.init_distributed()
@@ -69,7 +61,7 @@ def run(args: argparse.Namespace, dist: parallel.DistInfo) -> int:
         cfg = load_config(args.config_path, args.overrides)
         if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1:
             raise ValueError("--num_samples, --steps and --batch_size must be >= 1")
-        prompts = prompts_of(cfg)
+        prompts = [p.conditioning for p in read_prompts(cfg.training.data_path)]
         weights = require_file(cfg.training.teacher_ckpt, "teacher (training.teacher_ckpt)", train=True) \
             if cfg.training.teacher_ckpt else None
         teacher = build_dit(cfg, cfg.model.teacher, weights=weights, seed=1, device=device, what="teacher")
@@ -79,8 +71,7 @@ def run(args: argparse.Namespace, dist: parallel.DistInfo) -> int:
     teacher.eval().requires_grad_(False)
     text = build_text_encoder(cfg, device=device)
     schedule = FlowMatchSchedule(cfg.schedule.timestep_shift)
-    steps = cfg.schedule.denoising_step_list
-    timesteps = schedule.warp(steps) if cfg.schedule.warp_denoising_step else [float(s) for s in steps]
+    timesteps = schedule.denoising_timesteps(cfg.schedule.denoising_step_list, cfg.schedule.warp_denoising_step)
     h, w = build_vae(cfg).latent_size(cfg.video.height, cfg.video.width)
     shape = (cfg.training.num_training_frames, teacher.config.in_dim, h, w)
     chosen = [prompts[i % len(prompts)] for i in range(args.num_samples)]

@@ -198,13 +198,14 @@ def evaluate(stages: Stages, teacher: Path, student: Path, dmd: dict[tuple[float
     results["ode"] = ev.as_dict(ev.group_metrics(videos["ode"], prompts + bimodal))
 
     results["dmd"] = {}
-    fast = {}
+    fast, motion_any = {}, {}
     for (b, seed), weights in sorted(dmd.items()):
         name = f"beta{b:g}_seed{seed}"
         v = student_videos(weights, prompts + bimodal)
         videos[name] = v
         results["dmd"][name] = ev.as_dict(ev.group_metrics(v, prompts + bimodal))
-        fast[(b, seed)] = ev.metrics.net_motion(v[len(prompts):]) > ev.FAST_THRESHOLD
+        motion_any[name] = ev.metrics.net_motion(v[len(prompts):])
+        fast[(b, seed)] = motion_any[name] > ev.FAST_THRESHOLD
     seeds = sorted({seed for _, seed in dmd})
     differences = torch.stack([fast[(beta, s)].float() - fast[(0.0, s)].float() for s in seeds])  # paired
     mean, low, high = ev.bootstrap_mean_ci(differences)
@@ -212,8 +213,7 @@ def evaluate(stages: Stages, teacher: Path, student: Path, dmd: dict[tuple[float
                                                f"fast_fraction_beta{beta:g}": fast[(beta, s)].float().mean().item()}
                                       for s in seeds},
                          "mean_difference": mean, "ci95": [low, high], "samples_per_seed": len(bimodal)}
-    results["motion_any"] = {name: ev.metrics.net_motion(v[len(prompts):]).tolist() for name, v in videos.items()
-                             if name.startswith("beta")}
+    results["motion_any"] = {name: motion.tolist() for name, motion in motion_any.items()}
 
     long_prompts = ev.eval_prompts(("static", "fast"), 1)  # 24 clips
     long_student = dmd[(0.0, seeds[0])]

@@ -149,3 +149,25 @@ def test_caches_are_allocated_once_per_session(tiny_pipe):
     kv, text = tiny_pipe.cache.k.data_ptr(), tiny_pipe._text.layer_kv[0][0].data_ptr()
     tiny_pipe.generate("a blue boat", **kw)
     assert tiny_pipe.cache.k.data_ptr() == kv and tiny_pipe._text.layer_kv[0][0].data_ptr() == text
+
+
+def test_a_new_attention_pattern_gets_a_new_cache(tiny_pipe):
+    """Changing ``generator.causal`` between streams (e.g. another sink policy) must not reuse a cache planned
+    for the old one; the same pattern keeps the cache."""
+    kw = dict(num_frames=15, height=48, width=80, decode=False)  # 5 blocks: frames leave the 9-frame window
+    original = tiny_pipe.generator.causal
+    try:
+        _, ema = tiny_pipe.generate("a red car", **kw)
+        first = tiny_pipe.cache
+        tiny_pipe.generator.causal = original.with_policy("none")
+        _, none = tiny_pipe.generate("a red car", **kw)
+        assert tiny_pipe.cache is not first and tiny_pipe.cache.spec.sink_policy == "none"
+        fresh = type(tiny_pipe)(tiny_pipe.generator, tiny_pipe.text_encoder, tiny_pipe.vae, height=48, width=80,
+                                denoising_steps=[1000.0, 750.0, 500.0, 250.0])
+        _, expected = fresh.generate("a red car", **kw)  # a pipeline that never saw the ema pattern
+        assert torch.equal(none, expected) and not torch.equal(none, ema)
+        second = tiny_pipe.cache
+        tiny_pipe.generate("a blue boat", **kw)
+        assert tiny_pipe.cache is second
+    finally:
+        tiny_pipe.generator.causal = original

@@ -75,7 +75,7 @@ def test_one_optimizer_step_per_accumulated_batch(tmp_path):
     trainer = make_trainer(tmp_path, "training.gradient_accumulation_steps=3", "training.save_every=100",
                            "training.beta=0")
     calls = {"gen_step": 0, "critic_step": 0, "gen_loss": 0, "critic_loss": 0}
-    for opt, key in ((trainer.gen_opt, "gen_step"), (trainer.critic_opt, "critic_step")):
+    for opt, key in ((trainer.optimizers["generator"], "gen_step"), (trainer.optimizers["critic"], "critic_step")):
         original = opt.step
 
         def counted(*a, _original=original, _key=key, **k):

@@ -62,7 +62,6 @@ def sample_student_videos(pipe: StreamingPipeline, prompts: list[str], *, num_fr
         out = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
-            pipe.cache = None  # the batch size may change
             _, latents = pipe.generate(batch, num_frames=num_frames, height=WORLD.size, width=WORLD.size,
                                        noise=noise[start:start + len(batch)], decode=False)
             out.append(latents.float())

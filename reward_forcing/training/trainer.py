@@ -201,9 +201,9 @@ class Trainer:
         self.sampler = PromptSampler(items, rank=dist.rank, world_size=dist.world_size, seed=self.tr.seed)
         self.schedule = FlowMatchSchedule(cfg.schedule.timestep_shift)
         self.score_schedule = FlowMatchSchedule(self.tr.score_timestep_shift)
-        steps = cfg.schedule.denoising_step_list
         self.rollout_cfg = RolloutConfig(
-            timesteps=self.schedule.warp(steps) if cfg.schedule.warp_denoising_step else list(steps),
+            timesteps=self.schedule.denoising_timesteps(cfg.schedule.denoising_step_list,
+                                                        cfg.schedule.warp_denoising_step),
             context_noise=cfg.schedule.context_noise, reference_context_noise=self.tr.reference_context_noise,
             sink_policy=self.tr.rollout_sink_policy)
 
@@ -227,8 +227,6 @@ class Trainer:
                                                       weight_decay=self.tr.weight_decay)
             self.max_norms[name] = max_norm
             self.base_lrs[name] = lr
-        self.gen_opt = self.optimizers.get("generator")
-        self.critic_opt = self.optimizers.get("critic")
         self.ema: ShardedEMA | None = None
         self.step = 0
         # One process on a GPU: autocast gives the bf16 compute FSDP2's policy gives several processes.
@@ -244,9 +242,6 @@ class Trainer:
             self.resume()
 
     # ------------------------------------------------------------------------------------ data
-    def _next_prompts(self) -> list[str]:
-        return [next(self.sampler) for _ in range(self.batch_size)]
-
     def _next_batch(self):
         """A micro-batch: prompts (dmd), or ``(latents, prompts)`` of latent videos / ODE trajectories."""
         items = [next(self.sampler) for _ in range(self.batch_size)]
