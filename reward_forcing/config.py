@@ -89,6 +89,10 @@ class TrainingConfig:
     critic_ckpt: str = ""
     latent_data: str = ""  # teacher mode: 'toy' (the toy world, drawn on the fly) or a folder of latent .pt files
     ode_pairs_path: str = ""  # ode mode: the .pt file written by scripts/generate_ode_pairs.py
+    # ode mode: each sample's first k blocks (k uniform in 0..blocks-1) are given clean, at t = 0, as context -
+    # what the inference cache holds - instead of their noisy ODE states, and carry no loss. False is the
+    # reference: every block at a noisy state, so the student never sees the clean context it streams on.
+    ode_clean_context: bool = False
     cfg_dropout: float = 0.1  # teacher mode: probability of training a sample on the negative prompt (for CFG)
     data_path: str = "prompts/vidprom_filtered_extended.txt"
     lr: float = 2e-6

@@ -2,7 +2,7 @@
 
     python scripts/toy_world.py                     # the full run (<= 60 min on 2 CPU cores, committed teacher)
     python scripts/toy_world.py --smoke             # every stage for a few steps (< 2 min; CI runs this)
-    python scripts/toy_world.py --retrain_teacher   # also retrain configs/toy/teacher.pt (~55 min on 2 cores)
+    python scripts/toy_world.py --retrain_teacher   # also retrain configs/toy/teacher.pt (~25 min on 2 cores)
     python scripts/toy_world.py --seeds 5 --beta 2 training.lr=3e-4   # an ablation: overrides go to DMD runs
 
 Every training stage is ``train.py`` with a config of ``configs/toy/`` (the project's trainer, rollout, losses and
@@ -36,7 +36,7 @@ from reward_forcing.toy import report  # noqa: E402
 from reward_forcing.toy.world import data_reference  # noqa: E402
 
 TEACHER = ROOT / "configs/toy/teacher.pt"
-CONFIGS = {name: ROOT / f"configs/toy/{name}.yaml" for name in ("teacher", "teacher_refine", "ode", "dmd")}
+CONFIGS = {name: ROOT / f"configs/toy/{name}.yaml" for name in ("teacher", "ode", "dmd")}
 EXPORT = "export.pt"  # each training stage's final weights, copied out of its run folder
 
 
@@ -46,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog="Extra key=value arguments override the DMD / Re-DMD configs.")
     p.add_argument("--out", default="runs/toy", help="output folder (default runs/toy)")
     p.add_argument("--smoke", action="store_true", help="every stage for a few steps; gates not enforced")
-    p.add_argument("--retrain_teacher", action="store_true", help=f"train the teacher (two stages, ~55 min on 2 "
-                   f"cores) and replace {TEACHER.name}")
+    p.add_argument("--retrain_teacher", action="store_true", help=f"train the teacher (~25 min on 2 cores) and "
+                   f"replace {TEACHER.name}")
     p.add_argument("--seeds", type=int, default=3, help="seeds per beta for DMD and Re-DMD (default 3)")
     p.add_argument("--beta", type=float, default=3.0, help="Re-DMD reward temperature (default 3)")
     p.add_argument("--dmd_steps", type=int, default=None, help="training steps of each DMD run (config: 300)")
@@ -131,8 +131,7 @@ class Stages:
                 raise SystemExit(f"error: {TEACHER} is missing; train it with --retrain_teacher")
             return TEACHER
         steps = ["training.max_steps=3", "training.save_every=3", "training.batch_size=4"] if self.smoke else []
-        (first,) = self.train([("teacher", "teacher", steps)])  # from scratch
-        (export,) = self.train([("teacher_refine", "teacher_refine", [f"training.teacher_ckpt={first}", *steps])])
+        (export,) = self.train([("teacher", "teacher", steps)])  # from scratch
         if not self.smoke:
             shutil.copyfile(export, TEACHER)
             print(f"wrote {TEACHER}")

@@ -83,8 +83,10 @@ WAN_FLAVORS = {
     # The golden tiny model (tests/golden/wan_tiny_config.json): runs everything on a CPU.
     "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
     # The toy world's DiT (reward_forcing/toy): 3-channel latents that are the pixels, 1x1 patches (a 2x2 patch
-    # printed a grid texture on an 8x8 world), three-word prompts.
-    "toy": WanConfig(dim=64, ffn_dim=256, num_heads=4, num_layers=3, in_dim=3, out_dim=3, text_dim=32, text_len=3,
+    # printed a grid texture on an 8x8 world), three-word prompts. Two heads of 32 channels: the 3-D RoPE gives each
+    # spatial axis 5 frequency pairs, of which 1 and 0.16 rad/pixel resolve positions on an 8-pixel frame; 4 heads
+    # of 16 gave 2 pairs (1 and 0.01 rad/pixel) and a teacher that drew smeared, split blobs (docs/toy_world.md).
+    "toy": WanConfig(dim=64, ffn_dim=256, num_heads=2, num_layers=3, in_dim=3, out_dim=3, text_dim=32, text_len=3,
                      patch_size=(1, 1, 1)),
     "1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),

@@ -45,18 +45,13 @@ def _smooth(values: list[float], width: int = 20) -> list[float]:
 
 def plot_losses(out: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, (title, runs) in zip(axes, [("teacher (flow matching)", [("teacher", "teacher_loss"),
-                                                                     ("teacher_refine", "teacher_loss")]),
+    for ax, (title, runs) in zip(axes, [("teacher (flow matching)", [("teacher", "teacher_loss")]),
                                         ("ODE init (x0 regression)", [("ode", "generator_loss")]),
                                         ("DMD / Re-DMD", None)]):
         if runs is None:
             runs = [(d.name, key) for d in sorted(out.glob("dmd_*")) for key in ("generator_loss", "critic_loss")]
-        offset = 0
         for name, key in runs:
             steps, values = _log(out / name / "log.jsonl", key)
-            if name == "teacher_refine":  # continues the first stage
-                steps = [s + offset for s in steps]
-            offset = max(steps, default=0)
             if steps:
                 label = name.removeprefix("dmd_") + ("" if title.startswith(("teacher", "ODE")) else
                                                      f" {key.split('_')[0]}")

@@ -23,7 +23,8 @@ MQ for the real recipe, net motion in the toy world.
 
 ODE mode: each sample takes, per block, the trajectory's state at a random one of the student's timesteps, and
 the student (block-causal, one forward over the whole video) regresses its x0 prediction onto the teacher's
-clean sample. Teacher mode: ``mse(v(x_t, t, c), noise - x0)``, with the condition replaced by the negative
+clean sample; with ``training.ode_clean_context`` a random prefix of blocks is instead the clean sample at t = 0
+(the context the inference cache holds), seen by the blocks after it and not trained. Teacher mode: ``mse(v(x_t, t, c), noise - x0)``, with the condition replaced by the negative
 prompt's embedding for a ``cfg_dropout`` fraction of samples.
 
 Run folder (``logdir``): ``log.jsonl`` (one line per step), ``checkpoints/step_N`` (resumable, the last
@@ -333,13 +334,22 @@ class Trainer:
             raise ValueError(f"the ODE pairs hold {s1 - 1} states per trajectory; the student has {len(steps)} "
                              f"timesteps {self.rollout_cfg.timesteps}: regenerate them for this schedule")
         block = self.m.generator.causal.frames_per_block
-        index = torch.randint(len(steps), (b, f // block), device=self.device).repeat_interleave(block, dim=1)
+        blocks = f // block
+        index = torch.randint(len(steps), (b, blocks), device=self.device)
+        # Clean context: the first k blocks are the clean sample at t = 0 (index len(steps)), as the inference cache
+        # holds them; they only serve the blocks after them (no loss), so k < blocks and each block is trained on
+        # exactly the context it streams on (all earlier blocks clean) in 1 / blocks of the samples.
+        prefix = torch.randint(blocks if self.tr.ode_clean_context else 1, (b, 1), device=self.device)
+        clean = torch.arange(blocks, device=self.device) < prefix
+        index = torch.where(clean, len(steps), index).repeat_interleave(block, dim=1)
         x_t = states[torch.arange(b, device=self.device)[:, None], index, torch.arange(f, device=self.device)]
-        t = steps[index]  # [B, F]: one timestep per block
+        t = torch.cat([steps, steps.new_zeros(1)])[index]  # [B, F]: one timestep per block
         with self.autocast:
             flow = self.m.generator(x_t.to(self.compute_dtype), t, cond.to(self.compute_dtype), causal=True)
         x0 = self.schedule.flow_to_x0(flow.float(), x_t.float(), t)
-        return (x0 - states[:, -1].float()).pow(2).mean(), {}
+        error = (x0 - states[:, -1].float()).pow(2).flatten(2).mean(-1)  # [B, F]
+        trained = (~clean).repeat_interleave(block, dim=1).float()
+        return (error * trained).sum() / trained.sum(), {}
 
     def teacher_loss(self, batch: tuple[torch.Tensor, list[str]]) -> tuple[torch.Tensor, dict]:
         """Flow matching of the bidirectional teacher with CFG dropout (module docstring)."""
