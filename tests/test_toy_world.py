@@ -188,7 +188,8 @@ def test_teacher_mode_trains_only_the_teacher_and_exports_it(tmp_path):
     assert lr_factor(1, trainer.tr) == 1.0
 
 
-def test_ode_mode_regresses_each_block_at_its_own_timestep(tmp_path):
+def make_ode_trainer(tmp_path, clean_context: bool) -> tuple[Trainer, torch.Tensor]:
+    """An ode-mode trainer on 6 random trajectories (4 states + the clean sample each), from a random teacher."""
     _, teacher = random_toy_teacher()
     teacher_file = tmp_path / "teacher.pt"
     torch.save({"model": teacher.state_dict()}, teacher_file)
@@ -196,7 +197,12 @@ def test_ode_mode_regresses_each_block_at_its_own_timestep(tmp_path):
     pairs = tmp_path / "pairs.pt"
     torch.save({"states": states, "prompts": all_prompts()[:6], "timesteps": torch.tensor([1.0, 2, 3, 4])}, pairs)
     trainer = make_trainer(tmp_path, "ode", f"training.generator_ckpt={teacher_file}",
-                           f"training.ode_pairs_path={pairs}", "training.ode_clean_context=false")  # the reference
+                           f"training.ode_pairs_path={pairs}", f"training.ode_clean_context={clean_context}")
+    return trainer, states
+
+
+def test_ode_mode_regresses_each_block_at_its_own_timestep(tmp_path):
+    trainer, states = make_ode_trainer(tmp_path, clean_context=False)  # the reference
     assert list(trainer.models) == ["generator"] and trainer.m.critic is None
     seen = []
     generator = trainer.m.generator
@@ -227,14 +233,7 @@ def test_ode_mode_regresses_each_block_at_its_own_timestep(tmp_path):
 
 
 def test_ode_clean_context_is_a_clean_prefix_at_t0_that_carries_no_loss(tmp_path):
-    _, teacher = random_toy_teacher()
-    teacher_file = tmp_path / "teacher.pt"
-    torch.save({"model": teacher.state_dict()}, teacher_file)
-    states = torch.randn(6, 5, 9, 3, 8, 8)
-    pairs = tmp_path / "pairs.pt"
-    torch.save({"states": states, "prompts": all_prompts()[:6], "timesteps": torch.tensor([1.0, 2, 3, 4])}, pairs)
-    trainer = make_trainer(tmp_path, "ode", f"training.generator_ckpt={teacher_file}",
-                           f"training.ode_pairs_path={pairs}", "training.ode_clean_context=true")
+    trainer, states = make_ode_trainer(tmp_path, clean_context=True)
     seen = []
     original = trainer.m.generator.forward
 

@@ -24,8 +24,9 @@ MQ for the real recipe, net motion in the toy world.
 ODE mode: each sample takes, per block, the trajectory's state at a random one of the student's timesteps, and
 the student (block-causal, one forward over the whole video) regresses its x0 prediction onto the teacher's
 clean sample; with ``training.ode_clean_context`` a random prefix of blocks is instead the clean sample at t = 0
-(the context the inference cache holds), seen by the blocks after it and not trained. Teacher mode: ``mse(v(x_t, t, c), noise - x0)``, with the condition replaced by the negative
-prompt's embedding for a ``cfg_dropout`` fraction of samples.
+(the context the inference cache holds), seen by the blocks after it and not trained. Teacher mode:
+``mse(v(x_t, t, c), noise - x0)``, with the condition replaced by the negative prompt's embedding for a
+``cfg_dropout`` fraction of samples.
 
 Run folder (``logdir``): ``log.jsonl`` (one line per step), ``checkpoints/step_N`` (resumable, the last
 ``keep_last_checkpoints`` kept), ``checkpoint_model_N/model.pt`` (exports: the reference trainer format for
