@@ -19,6 +19,7 @@ float32, everything else in the activation dtype.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import warnings
@@ -307,6 +308,8 @@ COMPILE_FALLBACKS = ("error", "eager")
 # shipped cache, one per chunk with global attention, one per input shape for the other modes). Per model,
 # not process-wide; past it a compile fails like any other (an error, or eager with compile_fallback=eager).
 COMPILE_GRAPH_LIMIT = 64
+# torch.compile's per-function recompile budget (isolate_recompiles / recompile_limit) is new in torch 2.13
+_TORCH_COMPILE_HAS_OWN_LIMIT = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
 def _call_block(block: WanBlock, x, e0, text, layout, layer_kv, context_kv) -> torch.Tensor:
@@ -372,8 +375,10 @@ class WanModel(nn.Module):
         region, settings = self._compiled_region
         if region is None or settings != (mode, backend):  # else re-enable what is already compiled
             options = {} if mode is None else {"mode": mode}
-            region = torch.compile(_call_block, backend=backend, dynamic=False, fullgraph=True,
-                                   isolate_recompiles=True, recompile_limit=COMPILE_GRAPH_LIMIT, **options)
+            if _TORCH_COMPILE_HAS_OWN_LIMIT:
+                options.update(isolate_recompiles=True, recompile_limit=COMPILE_GRAPH_LIMIT)
+            # else (torch < 2.13): dynamo's process-wide recompile limit (8) still covers the 3 streaming graphs
+            region = torch.compile(_call_block, backend=backend, dynamic=False, fullgraph=True, **options)
             self._compiled_region = (region, (mode, backend))
         self._compiled_block = region
         self.compile_fallback = fallback
