@@ -41,6 +41,9 @@ class ModelConfig:
     # toy_motion (net motion of a toy-world video). training.reward_key picks which of its scores.
     reward: str = "videoreward"
     random_init: bool = False  # build random weights instead of loading checkpoints (tiny debug runs)
+    # Generator weights for inference.py and the live app when --checkpoint_path is not given ('': the released
+    # checkpoint under checkpoint_root). Relative paths are from the working directory, like every path here.
+    checkpoint: str = ""
     gradient_checkpointing: bool = True
     rope_precision: str = "float64"  # float64 (reference numerics) | float32 (faster on GPU, ~1e-6 apart)
     compile: bool = False  # torch.compile the generator's blocks for inference (one graph for all layers)
@@ -55,6 +58,9 @@ class ScheduleConfig:
     denoising_step_list: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
     warp_denoising_step: bool = True  # map the list through the shifted grid: [1000, 937.5, 833.33, 625]
     context_noise: float = 0.0  # timestep of the cache-writing context pass after each block
+    # Inference only: false skips that pass (4 forwards per block instead of 5) and the cache keeps the last denoising
+    # step's keys/values. Training rollouts always run it. Measured in docs/toy_world.md ("Speed levers").
+    context_pass: bool = True
 
 
 @dataclass
@@ -63,6 +69,9 @@ class VideoConfig:
     width: int = 832
     num_output_frames: int = 21  # latent frames (21 -> 81 video frames)
     fps: int = 16
+    # Written videos and the live app's frames are enlarged this many times, nearest neighbour (the toy world's
+    # 8x8 frames: 32 -> 256x256). Generation is unchanged.
+    display_scale: int = 1
 
 
 @dataclass
@@ -111,6 +120,10 @@ class TrainingConfig:
     ema_weight: float = 0.99
     ema_start_step: int = 200
     beta: float = 2.0  # reward temperature: weight exp(beta * reward)
+    # Reward-tilted critic (not in the reference; docs/differences.md): the critic's per-sample flow-matching loss is
+    # weighted by exp(-critic_tilt_beta * reward) / batch mean, which moves DMD's fixed point from the teacher to
+    # p_teacher * exp(critic_tilt_beta * reward). 0 = off (the reference's unweighted critic). Combines with beta.
+    critic_tilt_beta: float = 0.0
     reward_key: str = "MQ"  # the reward's score that weights samples (VideoReward: VQ | MQ | TA; toy: motion)
     guidance_scale: float = 3.0  # teacher CFG
     num_training_frames: int = 21
@@ -183,6 +196,8 @@ def _validate(cfg: Config, source: str) -> None:
              f"(VAE stride {stride} times the DiT patch)")
     if cfg.video.fps < 1:
         fail("video.fps", f"must be >= 1, got {cfg.video.fps}")
+    if not 1 <= cfg.video.display_scale <= 64:
+        fail("video.display_scale", f"must be an integer in [1, 64], got {cfg.video.display_scale}")
     tr = cfg.training
     if tr.mode not in TRAINING_MODES:
         fail("training.mode", f"{tr.mode!r} is not one of {TRAINING_MODES}")

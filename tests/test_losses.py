@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from reward_forcing.training.losses import critic_loss, dmd_gradient, re_dmd_loss, reward_weights
+from reward_forcing.training.losses import (critic_loss, critic_tilt_weights, dmd_gradient, flow_matching_loss,
+                                            re_dmd_loss, reward_weights)
 
 SHAPE = (2, 3, 2, 2, 2)  # [B, F, C, H, W], 24 elements per sample
 
@@ -180,3 +181,35 @@ def test_critic_loss_target_is_constant():
     loss = critic_loss(flow, _rand(*SHAPE), x0)
     loss.backward()
     assert x0.grad is None and flow.grad is not None
+
+
+# ---------------------------------------------------------------------------------- reward-tilted critic
+def test_critic_tilt_weights_normalise_and_sign():
+    reward = torch.tensor([0.0, 1.0, 0.5, 2.0])
+    w = critic_tilt_weights(reward, beta=1.0)
+    expected = torch.exp(-reward) / torch.exp(-reward).mean()
+    torch.testing.assert_close(w, expected)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
+    assert w.argmin().item() == 3 and w.argmax().item() == 0  # beta > 0: the critic forgets high reward
+    assert torch.equal(critic_tilt_weights(reward, beta=-1.0).argsort(), w.argsort().flip(0))  # the sign flips it
+    assert torch.equal(critic_tilt_weights(reward, beta=0.0), torch.ones(4))
+    huge = critic_tilt_weights(torch.tensor([0.0, 1000.0]), beta=-1.0)  # no overflow
+    assert torch.isfinite(huge).all() and huge.tolist() == [0.0, 2.0]
+    with pytest.raises(ValueError, match="empty"):
+        critic_tilt_weights(torch.tensor([]), 1.0)
+
+
+def test_weighted_critic_loss_hand_computed_and_unweighted_is_bitwise_plain():
+    flow = torch.tensor([[1.0, 0.0], [2.0, -1.0]], requires_grad=True)
+    noise = torch.tensor([[0.5, 0.5], [1.0, 1.0]])
+    x0 = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    # per-sample mean squares: 0.25 and 1.0; weighted by 1.5 and 0.5 -> (0.375 + 0.5) / 2
+    loss = critic_loss(flow, noise, x0, torch.tensor([1.5, 0.5]))
+    assert loss.item() == pytest.approx(0.4375)
+    (dflow,) = torch.autograd.grad(loss, flow)
+    torch.testing.assert_close(dflow, 2 * torch.tensor([[0.5, 0.5], [1.0, -1.0]]) * torch.tensor([[1.5], [0.5]]) / 4)
+    big = (_rand(*SHAPE), _rand(*SHAPE), _rand(*SHAPE))
+    assert torch.equal(critic_loss(*big), flow_matching_loss(*big))
+    torch.testing.assert_close(critic_loss(*big, torch.ones(SHAPE[0])), flow_matching_loss(*big))
+    with pytest.raises(ValueError, match="one per sample"):
+        critic_loss(*big, torch.ones(SHAPE[0] + 1))

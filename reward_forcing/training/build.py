@@ -59,5 +59,6 @@ def build_training_models(cfg: Config, *, device="cpu", dtype=torch.float32, fro
                             init="reference" if trained else "debug")
     text_encoder = build_text_encoder(cfg, device=device, dtype=frozen_dtype)
     vae = build_vae(cfg, device=device, dtype=frozen_dtype)
-    reward = build_reward(cfg, device=device, dtype=frozen_dtype) if tr.mode == "dmd" and tr.beta != 0 else None
+    reward = (build_reward(cfg, device=device, dtype=frozen_dtype)
+              if tr.mode == "dmd" and (tr.beta != 0 or tr.critic_tilt_beta != 0) else None)
     return TrainingModels(generator, critic, teacher, text_encoder, vae, reward)

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["dmd_gradient", "re_dmd_loss", "reward_weights", "critic_loss"]
+__all__ = ["dmd_gradient", "re_dmd_loss", "reward_weights", "critic_tilt_weights", "critic_loss"]
 
 RewardWeighting = Literal["per_sample", "first_sample"]
 
@@ -180,4 +180,32 @@ def flow_matching_loss(flow_pred: torch.Tensor, noise: torch.Tensor, x0: torch.T
     return (flow_pred.float() - target).pow(2).mean()
 
 
-critic_loss = flow_matching_loss  # the critic's name for it (DMD's fake-score update)
+def critic_tilt_weights(reward: torch.Tensor, beta: float) -> torch.Tensor:
+    """Self-normalised weights ``w_i = exp(-beta r_i) / mean_j exp(-beta r_j)`` of the critic's samples ``[B]``
+    (detached, float32, mean exactly 1 up to rounding).
+
+    Weighting the critic's flow matching by ``w`` makes it learn the score of ``p_theta exp(-beta r) / Z``
+    instead of ``p_theta``; DMD then moves the student until that tilted density matches the teacher, i.e. to
+    ``p_theta ~ p_real exp(+beta r)`` (docs/toy_world.md, "Re-DMD"). ``beta > 0`` favours high reward. Computed
+    as a softmax, so large ``|beta r|`` cannot overflow; ``beta = 0`` gives exactly ones.
+    """
+    r = torch.as_tensor(reward).detach().float().reshape(-1)
+    if r.numel() == 0:
+        raise ValueError("reward is empty")
+    return torch.softmax(-beta * r, dim=0) * r.numel()
+
+
+def critic_loss(flow_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The critic's flow-matching loss (DMD's fake-score update). Without ``weights`` it is
+    :func:`flow_matching_loss` itself, bit for bit; with per-sample ``weights [B]`` (e.g.
+    :func:`critic_tilt_weights`) it is ``mean_i w_i * mean((v_pred_i - (noise_i - x0_i))^2)``."""
+    if weights is None:
+        return flow_matching_loss(flow_pred, noise, x0)
+    _check_same_shape(flow_pred=flow_pred, noise=noise, x0=x0)
+    if weights.shape != (flow_pred.shape[0],):
+        raise ValueError(f"critic weights have shape {tuple(weights.shape)}; expected one per sample "
+                         f"({flow_pred.shape[0]},)")
+    target = noise.detach().float() - x0.detach().float()
+    per_sample = (flow_pred.float() - target).pow(2).mean(dim=_sample_dims(flow_pred))
+    return (weights.detach().float() * per_sample).mean()

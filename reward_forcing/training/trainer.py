@@ -14,7 +14,10 @@ RNG, data position) and atomic; each one is also exported in the reference forma
 Generator loss (per sample i): ``0.5 * exp(beta * MQ_i) * mse(x_i, sg(x_i - g_i))`` where ``x`` is the student's
 self-forcing rollout, ``g`` the normalised DMD gradient ``(x0_fake - x0_real) / mean|x - x0_real|`` with the
 teacher under CFG (scale 3) and the critic without, and ``MQ_i`` the normalised motion-quality reward of the
-decoded video. Critic loss: flow matching on fresh no-grad rollouts.
+decoded video. Critic loss: flow matching on fresh no-grad rollouts; with ``training.critic_tilt_beta`` each
+rollout's loss is weighted by the self-normalised ``exp(-critic_tilt_beta * reward_i)`` of its own decoded video
+(the reward-tilted critic, ``losses.critic_tilt_weights``), which costs one decode and one reward call per critic
+step.
 
 The text encoder, the decoder and the reward are whatever the config builds (``training/build.py``): the
 trainer calls ``text_encoder(prompts)`` / ``encode_negative``, ``vae.decode`` / ``vae.latent_size`` and
@@ -56,7 +59,7 @@ from ..video_io import Mp4Writer
 from . import checkpointing, parallel
 from .build import TrainingModels
 from .ema import ShardedEMA
-from .losses import critic_loss, dmd_gradient, flow_matching_loss, re_dmd_loss
+from .losses import critic_loss, critic_tilt_weights, dmd_gradient, flow_matching_loss, re_dmd_loss
 from .rollout import RolloutConfig, rollout
 
 log = logging.getLogger(__name__)
@@ -291,14 +294,8 @@ class Trainer:
         self._last_sample = (x[0].detach(), prompts[0])
         info = {}
         reward = None
-        if self.m.reward is not None and self.tr.beta != 0:
-            with torch.no_grad():
-                pixels = self.m.vae.decode(x.detach().to(self.m.vae.dtype))
-                scores = self.m.reward.score(pixels, prompts)
-            if self.tr.reward_key not in scores:
-                raise ValueError(f"training.reward_key={self.tr.reward_key!r} is not a score of model.reward="
-                                 f"{self.cfg.model.reward!r}, which gives {sorted(scores)}")
-            reward = scores[self.tr.reward_key].to(self.device)
+        if self.tr.beta != 0:
+            reward, scores = self._reward(x, prompts)
             info.update({f"reward_{name.lower()}": value for name, value in scores.items()})
         with torch.no_grad():
             t = self._timesteps(x.shape[0])
@@ -312,10 +309,25 @@ class Trainer:
         info.update(loss_info)
         return loss, info
 
+    def _reward(self, x: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The ``training.reward_key`` score of the decoded latents ``x`` ``[B]``, and every score the reward gives."""
+        with torch.no_grad():
+            pixels = self.m.vae.decode(x.detach().to(self.m.vae.dtype))
+            scores = self.m.reward.score(pixels, prompts)
+        if self.tr.reward_key not in scores:
+            raise ValueError(f"training.reward_key={self.tr.reward_key!r} is not a score of model.reward="
+                             f"{self.cfg.model.reward!r}, which gives {sorted(scores)}")
+        return scores[self.tr.reward_key].to(self.device), scores
+
     def critic_loss(self, prompts: list[str]) -> tuple[torch.Tensor, dict]:
         cond, _ = self._encode(prompts)
+        info, weights = {}, None
         with torch.no_grad():
             x = self._rollout(cond, grad=False).float()
+            if self.tr.critic_tilt_beta != 0:
+                reward, _ = self._reward(x, prompts)
+                weights = critic_tilt_weights(reward, self.tr.critic_tilt_beta)
+                info.update({"reward": reward.float().mean(), "tilt_weight_max": weights.max()})
             t = self._timesteps(x.shape[0])
             noise = torch.randn_like(x)
             x_t = self.schedule.add_noise(x, noise, t[:, None])
@@ -323,7 +335,7 @@ class Trainer:
             flow = self.m.critic(x_t.to(self.compute_dtype), t, cond.to(self.compute_dtype)).float()
         if self.tr.critic_flow_from_x0:  # reference: flow -> x0 on the shift-8 grid -> flow on the shift-5 grid
             flow = self.schedule.x0_to_flow(self.score_schedule.flow_to_x0(flow, x_t, t), x_t, t)
-        return critic_loss(flow, noise, x), {}
+        return critic_loss(flow, noise, x, weights), info
 
     def ode_loss(self, batch: tuple[torch.Tensor, list[str]]) -> tuple[torch.Tensor, dict]:
         """ODE regression of the causal student (module docstring)."""
