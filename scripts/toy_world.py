@@ -242,12 +242,19 @@ def gates(results: dict) -> list[dict]:
          f"{data['speed_gap']:.3f}")
     gate("teacher", "colour accuracy", t["all"]["colour_accuracy"], t["all"]["colour_accuracy"] >= 0.9, ">= 0.9", "1")
     gate("teacher", "blobs per frame", t["all"]["blobs_per_frame"], t["all"]["blobs_per_frame"] <= 1.3, "<= 1.3", "1")
+
+    def direction(stage, name, groups):  # the fast prompts' blobs move the prompted way
+        value = groups["fast"]["direction_accuracy"]
+        gate(stage, f"{name}direction accuracy (fast)", value, value >= 0.9, ">= 0.9", "1")
+
+    direction("teacher", "", t)
     o = results["ode"]
     for key in ("net_motion", "flicker"):
         ref, value = t["all"][key], o["all"][key]
         ok = abs(value - ref) <= 0.3 * abs(ref)
         gate("ode init", f"{key.replace('_', ' ')} vs teacher {ref:.3f}", value, ok, "within 30 %",
              f"{data['flicker'] if key == 'flicker' else ''}")
+    direction("ode init", "", o)
     for name, d in results["dmd"].items():
         if not name.startswith("beta0_"):
             continue
@@ -255,6 +262,7 @@ def gates(results: dict) -> list[dict]:
              ">= 0.9", "1")
         gate("dmd", f"{name} static < fast motion", d["fast"]["net_motion"] - d["static"]["net_motion"],
              d["static"]["net_motion"] < d["fast"]["net_motion"], "> 0", f"{data['speed_gap']:.3f}")
+        direction("dmd", f"{name} ", d)
     r = results["re_dmd"]
     beta = results["beta"]
     every = all(v[f"fast_fraction_beta{beta:g}"] > v["fast_fraction_beta0"] for v in r["per_seed"].values())

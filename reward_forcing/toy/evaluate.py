@@ -81,6 +81,9 @@ class GroupMetrics:
     colour_accuracy: float
     blobs_per_frame: float
     fast_fraction: float
+    # of the moving clips (fast prompts, and `any` clips that came out fast): moving in the prompted direction;
+    # None when the group has none (static prompts)
+    direction_accuracy: float | None
 
 
 def group_metrics(videos: torch.Tensor, prompts: list[str]) -> dict[str, GroupMetrics]:
@@ -89,6 +92,9 @@ def group_metrics(videos: torch.Tensor, prompts: list[str]) -> dict[str, GroupMe
     motion = values["net_motion"]
     out = {}
     speeds = [ToyPrompt.parse(p).speed for p in prompts]
+    correct = metrics.direction_correct(videos, prompts)
+    moving = torch.tensor([s == "fast" for s in speeds]) | (torch.tensor([s == "any" for s in speeds])
+                                                            & (motion > FAST_THRESHOLD))
     for group in ("static", "fast", "any", "all"):
         mask = torch.tensor([group in ("all", s) for s in speeds])
         if not mask.any():
@@ -97,7 +103,8 @@ def group_metrics(videos: torch.Tensor, prompts: list[str]) -> dict[str, GroupMe
             count=int(mask.sum()), net_motion=motion[mask].mean().item(), flicker=values["flicker"][mask].mean().item(),
             colour_accuracy=values["colour_accuracy"][mask].mean().item(),
             blobs_per_frame=values["blobs_per_frame"][mask].mean().item(),
-            fast_fraction=(motion[mask] > FAST_THRESHOLD).float().mean().item())
+            fast_fraction=(motion[mask] > FAST_THRESHOLD).float().mean().item(),
+            direction_accuracy=correct[mask & moving].mean().item() if (mask & moving).any() else None)
     return out
 
 

@@ -6,6 +6,7 @@ frame ``[B, F]``). The blob's *mass* is ``clamp((x + 1) / 2, 0)`` summed over ch
 * **position**: the circular mean of the mass along each axis (the frame is a torus), unwrapped over time;
 * **net motion**: the slope of a least-squares line through the positions of a span of frames, in pixels per
   frame. Jitter around a fixed point has slope ~0, so it is not counted as motion (flicker is reported apart);
+* **direction**: the largest component of that fitted velocity (left / right / up / down), against the prompt's;
 * **flicker**: mean relative change of the total mass from frame to frame (0 on the data);
 * **colour**: the channel holding most of the mass; **blobs per frame**: local maxima of the mass above half a
   blob's peak (1 on the data);
@@ -17,7 +18,7 @@ import math
 
 import torch
 
-from .world import COLOURS, ToyPrompt
+from .world import COLOURS, DIRECTION_UNITS, DIRECTIONS, ToyPrompt
 
 
 def mass(latents: torch.Tensor) -> torch.Tensor:
@@ -42,6 +43,13 @@ def positions(latents: torch.Tensor) -> torch.Tensor:
     return torch.cat([xy[:, :1], xy[:, :1] + step.cumsum(1)], dim=1)
 
 
+def _slope(xy: torch.Tensor) -> torch.Tensor:
+    """Least-squares slope of positions ``[B, F, 2]`` over the frames: ``[B, 2]`` pixels per frame."""
+    t = torch.arange(xy.shape[1], dtype=xy.dtype, device=xy.device)
+    t = t - t.mean()
+    return ((xy - xy.mean(1, keepdim=True)) * t[None, :, None]).sum(1) / t.pow(2).sum()
+
+
 def net_motion(latents: torch.Tensor, span: int | None = None) -> torch.Tensor:
     """Net speed ``[B]`` in pixels per frame: the slope of a line fit to the positions, averaged over
     consecutive spans of ``span`` frames (default: the whole video as one span)."""
@@ -50,14 +58,26 @@ def net_motion(latents: torch.Tensor, span: int | None = None) -> torch.Tensor:
     span = frames if span is None else span
     if span < 2 or span > frames:
         raise ValueError(f"span {span} must be in [2, {frames}] frames")
-    speeds = []
-    for start in range(0, frames - span + 1, span):
-        window = xy[:, start:start + span]
-        t = torch.arange(span, dtype=xy.dtype, device=xy.device)
-        t = t - t.mean()
-        slope = ((window - window.mean(1, keepdim=True)) * t[None, :, None]).sum(1) / t.pow(2).sum()  # [B, 2]
-        speeds.append(slope.norm(dim=-1))
+    speeds = [_slope(xy[:, start:start + span]).norm(dim=-1) for start in range(0, frames - span + 1, span)]
     return torch.stack(speeds, 1).mean(1)
+
+
+def velocity(latents: torch.Tensor) -> torch.Tensor:
+    """The fitted velocity ``[B, 2]`` (dx, dy in pixels per frame; y grows downwards) over the whole video."""
+    return _slope(positions(latents))
+
+
+def direction_index(latents: torch.Tensor) -> torch.Tensor:
+    """Index into ``DIRECTIONS`` of the largest component of the fitted velocity ``[B]``."""
+    units = torch.tensor([DIRECTION_UNITS[d] for d in DIRECTIONS], dtype=torch.float32, device=latents.device)
+    return (velocity(latents).float() @ units.T).argmax(1)
+
+
+def direction_correct(latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """1.0 where the blob moves in the prompt's direction (the fitted velocity's largest component), else 0 ``[B]``.
+    Meaningful for moving clips only: the caller picks them (fast prompts, or clips whose net motion is fast)."""
+    want = torch.tensor([DIRECTIONS.index(ToyPrompt.parse(p).direction) for p in prompts], device=latents.device)
+    return (direction_index(latents) == want).float()
 
 
 def flicker(latents: torch.Tensor) -> torch.Tensor:

@@ -131,12 +131,12 @@ def write(out: Path, results: dict, videos: dict[str, torch.Tensor], prompts: li
         verdict = "pass" if r["pass"] else "**fail**"
         lines.append(f"| {r['stage']} | {r['gate']} | {r['value']:.3f} | {r['threshold']} | {r['data']} | "
                      f"{verdict}{'' if r['kind'] == 'engineering' else ' (research)'} |")
-    lines += ["", "| run | static motion | fast motion | any: fast fraction | flicker | colour | blobs/frame |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| run | static motion | fast motion | direction (fast) | any: fast fraction | flicker | colour | "
+              "blobs/frame |", "|---|---|---|---|---|---|---|---|"]
     runs = {"teacher": results["teacher"], "ode init": results["ode"], **results["dmd"]}
     for name, g in runs.items():
         lines.append(f"| {name} | {g['static']['net_motion']:.3f} | {g['fast']['net_motion']:.3f} | "
-                     f"{g['any']['fast_fraction']:.3f} | {g['all']['flicker']:.3f} | "
+                     f"{g['fast']['direction_accuracy']:.3f} | {g['any']['fast_fraction']:.3f} | {g['all']['flicker']:.3f} | "
                      f"{g['all']['colour_accuracy']:.3f} | {g['all']['blobs_per_frame']:.2f} |")
     lines += ["", "| sink policy | std last/first | colour | motion first 21 | motion last 21 | copy first 21 | "
               "copy last 21 |", "|---|---|---|---|---|---|---|"]

@@ -24,7 +24,7 @@ COLOURS = ("red", "green", "blue")
 SPEEDS = ("static", "fast", "any")
 DIRECTIONS = ("left", "right", "up", "down")
 VOCABULARY = COLOURS + SPEEDS + DIRECTIONS
-_UNIT = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy)
+DIRECTION_UNITS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy)
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class ToyWorld:
         coin = torch.rand(b, generator=generator)
         speed = torch.tensor([self.fast_speed if p.speed == "fast" or (p.speed == "any" and c < 0.5) else 0.0
                               for p, c in zip(parsed, coin.tolist())])
-        unit = torch.tensor([_UNIT[p.direction] for p in parsed])
+        unit = torch.tensor([DIRECTION_UNITS[p.direction] for p in parsed])
         t = torch.arange(num_frames, dtype=torch.float32)
         centres = start[:, None, :] + speed[:, None, None] * unit[:, None, :] * t[None, :, None]  # [B, F, 2]
         blob = self.blob(centres)  # [B, F, H, W] in [0, 1]
@@ -95,6 +95,7 @@ class ToyWorld:
 def data_reference(world: ToyWorld) -> dict[str, float]:
     """The data's own values of the gated metrics (what a perfect model would score)."""
     return {"static_motion": 0.0, "fast_motion": world.fast_speed, "speed_gap": world.fast_speed,
-            "colour_accuracy": 1.0, "blobs_per_frame": 1.0, "fast_fraction_any": 0.5, "flicker": 0.0}
+            "colour_accuracy": 1.0, "blobs_per_frame": 1.0, "fast_fraction_any": 0.5, "flicker": 0.0,
+            "direction_accuracy": 1.0}
 
 
