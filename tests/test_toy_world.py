@@ -17,6 +17,8 @@ from reward_forcing.toy import ToyMotionReward, ToyTextEncoder, ToyWorld, all_pr
 from reward_forcing.toy import evaluate as ev
 from reward_forcing.training import parallel
 from reward_forcing.training.build import build_training_models
+from reward_forcing.training import trainer as trainer_module
+from reward_forcing.training.losses import flow_matching_loss
 from reward_forcing.training.trainer import Trainer, lr_factor, training_budget
 from conftest import REPO_ROOT
 
@@ -47,6 +49,21 @@ def test_directions_move_the_blob_the_right_way():
                              "red fast down": (0, 1)}.items():
         step = metrics.positions(clips([prompt])[0]).diff(dim=1).mean(1)[0]
         assert torch.allclose(step, torch.tensor([dx, dy]) * WORLD.fast_speed, atol=1e-3), prompt
+
+
+def test_direction_accuracy_is_exact_on_the_data_and_sees_a_wrong_direction():
+    prompts = ev.eval_prompts(("fast",), 2)  # every colour x direction, twice
+    videos, _ = clips(prompts, seed=3)
+    assert metrics.direction_correct(videos, prompts).tolist() == [1.0] * 24
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    swapped = [p.rsplit(" ", 1)[0] + " " + opposite[p.rsplit(" ", 1)[1]] for p in prompts]
+    assert metrics.direction_correct(videos, swapped).sum() == 0
+    velocity = metrics.velocity(videos[:4])  # red left, right, up, down
+    assert torch.allclose(velocity, torch.tensor([[-1.0, 0], [1, 0], [0, -1], [0, 1]]) * WORLD.fast_speed, atol=1e-3)
+    static_prompts = ev.eval_prompts(("static",), 1)
+    both = torch.cat([videos, clips(static_prompts)[0]])
+    groups = ev.group_metrics(both, prompts + static_prompts)
+    assert groups["fast"].direction_accuracy == 1.0 and groups["static"].direction_accuracy is None
 
 
 def test_jitter_is_not_motion_and_any_is_bimodal():
@@ -289,6 +306,41 @@ def test_dmd_mode_weights_by_the_configured_reward(tmp_path):
     trainer.tr.reward_key = "MQ"
     with pytest.raises(ValueError, match="training.reward_key='MQ' is not a score of model.reward='toy_motion'"):
         trainer.generator_loss(all_prompts()[:2])
+
+
+def test_tilted_critic_weights_its_own_rollouts_and_beta0_is_plain(tmp_path, monkeypatch):
+    _, teacher = random_toy_teacher()
+    weights = tmp_path / "teacher.pt"
+    torch.save({"model": teacher.state_dict()}, weights)
+    common = [f"training.generator_ckpt={weights}", f"training.teacher_ckpt={weights}",
+              f"training.critic_ckpt={weights}", "training.beta=0", "training.batch_size=2", "training.max_steps=1"]
+    calls = []
+    real_loss = trainer_module.critic_loss
+    monkeypatch.setattr(trainer_module, "critic_loss", lambda *args: calls.append(args) or real_loss(*args))
+    losses = {}
+    for tilt in (0.0, 1.0):
+        cfg = load_config(TOY / "dmd.yaml", [*common, f"training.critic_tilt_beta={tilt}"])
+        trainer = Trainer(cfg, build_training_models(cfg), all_prompts(), tmp_path / f"tilt{tilt}",
+                          dist=parallel.init_distributed())
+        assert (trainer.m.reward is None) == (tilt == 0)  # the reward is built only when something uses it
+        scored = []
+        if tilt:
+            def fixed(pixels, prompts):
+                scored.append(pixels)
+                return {"motion": torch.tensor([0.0, 1.0])}
+            trainer.m.reward.score = fixed
+        torch.manual_seed(0)
+        losses[tilt], info = trainer.critic_loss(all_prompts()[:2])
+        flow, noise, x0, tilt_weights = calls[-1]
+        if tilt:
+            assert torch.equal(scored[0], x0.clamp(-1, 1))  # the reward of the critic's own rollout, decoded
+            expected = torch.exp(-torch.tensor([0.0, 1.0]))
+            torch.testing.assert_close(tilt_weights, expected / expected.mean())
+            assert info["reward"] == pytest.approx(0.5)
+        else:
+            assert tilt_weights is None and info == {}
+            assert torch.equal(losses[tilt], flow_matching_loss(flow, noise, x0))  # plain DMD's critic, bit for bit
+    assert losses[0.0] != losses[1.0]
 
 
 # ------------------------------------------------------------------------------------------ evaluation
