@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from reward_forcing import checkpoints as ckpt
 from reward_forcing import file_io
-from reward_forcing.build import build_pipeline
+from reward_forcing.build import build_pipeline, needs_checkpoint_root
 from reward_forcing.compile import COMPILE_MODES
 from reward_forcing.config import ConfigError, load_config
 from reward_forcing.data import read_prompts, shard_for_rank
@@ -73,9 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config_path", default="configs/reward_forcing.yaml", help="YAML config (see configs/)")
     p.add_argument("--checkpoint_path", default=None,
                    help="generator weights: the released rewardforcing.pt, a trainer checkpoint "
-                        "({generator, critic, generator_ema}), ode_init.pt or .safetensors. Default: "
-                        f"<checkpoint_root>/{ckpt.RELEASED_GENERATOR}, or random weights if the config says "
-                        "model.random_init")
+                        "({generator, critic, generator_ema}), ode_init.pt or .safetensors. Default: the config's "
+                        f"model.checkpoint, else <checkpoint_root>/{ckpt.RELEASED_GENERATOR}, or random weights if "
+                        "the config says model.random_init")
     p.add_argument("--data_path", required=True, help="prompt file, one prompt per line")
     p.add_argument("--extended_prompt_path", default=None,
                    help="optional file with an extended (LLM-rewritten) prompt per line, same line count; the "
@@ -197,7 +197,7 @@ def setup(args):
     output = Path(args.output_folder)
     check_output_folder(output)
 
-    checkpoint = args.checkpoint_path
+    checkpoint = args.checkpoint_path or cfg.model.checkpoint or None
     if checkpoint is None and not cfg.model.random_init:
         checkpoint = ckpt.asset_path(cfg.checkpoint_root, "released_generator", must_exist=False)
         if not checkpoint.is_file():
@@ -205,7 +205,7 @@ def setup(args):
                              "run `bash download_checkpoints.sh` (or pass --checkpoint_path)")
     if checkpoint is not None:
         ckpt.require_file(checkpoint, "generator checkpoint (--checkpoint_path)")
-        if not cfg.model.random_init:
+        if not cfg.model.random_init and needs_checkpoint_root(cfg):
             ckpt.resolve_checkpoint_root(cfg.checkpoint_root)
     pipe = build_pipeline(cfg, checkpoint=checkpoint, use_ema=args.use_ema, device=device, dtype=dtype)
     prompts = shard_for_rank(prompts, rank, world)
@@ -223,7 +223,7 @@ def generate_all(args, cfg, prompts, pipe: StreamingPipeline, output: Path, rank
             seed = args.seed + prompt.index * args.num_samples + sample
             bar = tqdm(total=frames_per_video, unit="frame", desc=f"[{rank}] {path.name}", leave=False,
                        disable=rank != 0)
-            with Mp4Writer(path, fps=cfg.video.fps) as writer:
+            with Mp4Writer(path, fps=cfg.video.fps, scale=cfg.video.display_scale) as writer:
                 for chunk in _chunks(args, cfg, pipe, prompt.conditioning, seed):
                     writer.write(chunk.frames[0])
                     bar.update(chunk.frames.shape[1])

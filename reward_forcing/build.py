@@ -93,6 +93,11 @@ def build_inference_generator(cfg: Config, **kwargs) -> WanModel:
     return model
 
 
+def needs_checkpoint_root(cfg: Config) -> bool:
+    """Whether building the config's text encoder or decoder reads ``checkpoint_root`` (umt5-xxl, the Wan VAE)."""
+    return cfg.model.text_encoder not in ("tiny", "toy") or cfg.model.vae not in ("tiny", "identity")
+
+
 def build_text_encoder(cfg: Config, *, device="cpu", dtype=torch.float32) -> TextEncoder:
     """The config's text encoder: anything with ``forward(prompts) -> [B, L, text_dim]`` and
     ``encode_negative(prompt, batch_size)``."""
@@ -126,7 +131,7 @@ def build_pipeline(cfg: Config, *, checkpoint: str | Path | None = None, use_ema
     vae = build_vae(cfg, device=device, dtype=dtype)
     return StreamingPipeline(generator, text_encoder, vae, denoising_steps=cfg.schedule.denoising_step_list,
                              warp=cfg.schedule.warp_denoising_step, timestep_shift=cfg.schedule.timestep_shift,
-                             context_noise=cfg.schedule.context_noise,
+                             context_noise=cfg.schedule.context_noise, context_pass=cfg.schedule.context_pass,
                              offload_text_encoder=cfg.text.offload_text_encoder, height=cfg.video.height,
                              width=cfg.video.width)
 

@@ -45,12 +45,14 @@ class StreamingPipeline:
 
     def __init__(self, generator: WanModel, text_encoder: TextEncoder | None, vae: WanVAE | None, *,
                  denoising_steps: Iterable[float] = (1000.0, 750.0, 500.0, 250.0), warp: bool = True,
-                 timestep_shift: float = 5.0, context_noise: float = 0.0, offload_text_encoder: bool = False,
-                 height: int = 480, width: int = 832, phase_hook: PhaseHook | None = None):
+                 timestep_shift: float = 5.0, context_noise: float = 0.0, context_pass: bool = True,
+                 offload_text_encoder: bool = False, height: int = 480, width: int = 832,
+                 phase_hook: PhaseHook | None = None):
         self.generator, self.text_encoder, self.vae = generator.eval(), text_encoder, vae
         self.schedule = FlowMatchSchedule(timestep_shift)
         timesteps = self.schedule.denoising_timesteps(list(denoising_steps), warp)
-        self.denoiser = BlockDenoiser(generator, self.schedule, timesteps, context_noise=context_noise)
+        self.denoiser = BlockDenoiser(generator, self.schedule, timesteps, context_noise=context_noise,
+                                      context_pass=context_pass)
         self.offload_text_encoder = offload_text_encoder
         self.height, self.width = height, width
         self.phase_hook = phase_hook

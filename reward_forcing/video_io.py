@@ -27,7 +27,7 @@ import torch
 
 from .file_io import commit, temp_sibling
 
-__all__ = ["DEFAULT_FPS", "pixels_to_uint8", "Mp4Writer", "read_video", "video_filename", "slugify"]
+__all__ = ["DEFAULT_FPS", "pixels_to_uint8", "upscale_nearest", "Mp4Writer", "read_video", "video_filename", "slugify"]
 
 DEFAULT_FPS = 16  # Wan2.1 / Reward Forcing output rate
 _SLUG_MAX = 50
@@ -54,6 +54,13 @@ def pixels_to_uint8(pixels: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndar
     out = torch.floor((x + 1.0) * 127.5 + 0.5).clamp_(0, 255).to(torch.uint8)
     out = out.movedim(-3, -1).contiguous()
     return out.numpy() if is_numpy else out
+
+
+def upscale_nearest(frames: np.ndarray, scale: int) -> np.ndarray:
+    """Enlarge uint8 frames ``[..., H, W, 3]`` ``scale`` times by repeating pixels (``video.display_scale``)."""
+    if scale == 1:
+        return frames
+    return np.ascontiguousarray(frames.repeat(scale, axis=-3).repeat(scale, axis=-2))
 
 
 def _as_uint8_frames(frames) -> np.ndarray:
@@ -92,12 +99,15 @@ class Mp4Writer:
     ffmpeg's exit status, so this class runs the ffmpeg binary of imageio-ffmpeg itself.
     Pixel format is yuv420p (plays everywhere) when height and width are even, else yuv444p, which
     keeps odd sizes exact instead of letting the encoder fail or rescale. ``crf`` is x264's quality
-    (lower = better, 18 is visually lossless).
+    (lower = better, 18 is visually lossless). ``scale`` enlarges every frame by repeating pixels.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float = DEFAULT_FPS, *, codec: str = "libx264",
-                 crf: int = 18):
+                 crf: int = 18, scale: int = 1):
+        if scale < 1:
+            raise ValueError(f"scale must be >= 1, got {scale}")
         self.path = Path(path)
+        self.scale = scale
         self.fps = fps
         self.codec = codec
         self.crf = crf
@@ -130,7 +140,7 @@ class Mp4Writer:
         """Append frames: uint8 ``[N, H, W, 3]`` or float ``[N, 3, H, W]`` in [-1, 1] (N may be absent)."""
         if self._closed:
             raise RuntimeError(f"Mp4Writer for '{self.path}' is already closed")
-        frames = _as_uint8_frames(frames)
+        frames = upscale_nearest(_as_uint8_frames(frames), self.scale)
         h, w = frames.shape[1:3]
         try:
             if self._ffmpeg is None:

@@ -115,6 +115,33 @@ def test_each_block_is_four_warped_steps_then_a_context_pass():
     assert with_ctx.shape == (1, 6, 16, 4, 6)
 
 
+def test_without_the_context_pass_the_cache_keeps_the_last_step():
+    """schedule.context_pass=false: 4 calls per block; block 0 is unchanged, later blocks see other keys."""
+    model = init_random_(WanModel.from_flavor("tiny"), seed=2).eval()
+    ctx, noise = torch.randn(1, 5, 32), torch.randn(1, 6, 16, 4, 6)
+    latents, calls = {}, []
+    original = model.forward
+
+    def spy(x, t, *args, **kwargs):
+        calls.append(float(t.flatten()[0]))
+        return original(x, t, *args, **kwargs)
+
+    model.forward = spy
+    try:
+        for context_pass in (True, False):
+            calls.clear()
+            pipe = StreamingPipeline(model, None, None, context_pass=context_pass)
+            _, latents[context_pass] = pipe.generate(context=ctx, num_frames=6, height=32, width=48, noise=noise,
+                                                     seed=1, decode=False)
+    finally:
+        del model.forward
+    assert calls == [1000.0, 937.5, 833.3333129882812, 625.0] * 2
+    assert torch.equal(latents[True][:, :3], latents[False][:, :3])
+    assert not torch.allclose(latents[True][:, 3:], latents[False][:, 3:])
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["schedule.context_pass=false"])
+    assert build_pipeline(cfg).denoiser.write_clean_context is False
+
+
 def test_bad_arguments(tiny_pipe):
     with pytest.raises(ValueError, match="multiple of the 3-frame block"):
         next(tiny_pipe.stream("x", num_frames=20, height=48, width=80))

@@ -15,7 +15,7 @@ from reward_forcing.build import build_pipeline
 from reward_forcing.config import load_config
 from reward_forcing.interactive import Reset, Session, SetPrompt, SetSeed
 from reward_forcing.serve import ServeOptions, create_app
-from reward_forcing.serve.stream import BlockQueue, encode_jpeg
+from reward_forcing.serve.stream import BlockQueue, ModelWorker, encode_jpeg
 from reward_forcing.video_io import pixels_to_uint8, read_video
 from conftest import REPO_ROOT
 
@@ -268,6 +268,36 @@ def test_one_session_per_process_and_a_closed_tab_stops_generation(client):
     assert _model_threads_end()
     with client.websocket_connect("/ws") as again:  # free again
         assert json.loads(again.receive_text())["type"] == "hello"
+
+
+def test_a_page_reload_is_handed_over_not_refused(client, monkeypatch):
+    generate = ModelWorker._generate_one
+
+    def slow(self):  # a block that takes a while, as on a big model: the old stream winds down slowly
+        time.sleep(0.3)
+        generate(self)
+
+    monkeypatch.setattr(ModelWorker, "_generate_one", slow)
+    with client.websocket_connect("/ws") as first:
+        peer = _start(first)
+        peer.until(lambda: peer.blocks())
+        first.close()  # the reload: the old page's socket closes, its model thread is still mid-block...
+        with client.websocket_connect("/ws") as reloaded:  # ...when the new page connects
+            peer = _start(reloaded)
+            peer.until(lambda: peer.blocks())
+            assert not peer.of_type("busy") and not peer.of_type("error")
+
+
+def test_display_scale_enlarges_frames_nearest_neighbour(pipe, tmp_path):
+    from PIL import Image
+
+    app = create_app(pipe, ServeOptions(**SIZE, display_scale=3, record_dir=tmp_path))
+    with TestClient(app) as c, c.websocket_connect("/ws") as ws:
+        peer = _start(ws)
+        assert (peer.of_type("hello")[0]["height"], peer.of_type("hello")[0]["width"]) == (48, 96)
+        peer.until(lambda: peer.frames)
+        assert Image.open(io.BytesIO(peer.frames[0][1])).size == (96, 48)
+    assert _model_threads_end()
 
 
 def test_token_and_recording_names(pipe, tmp_path):

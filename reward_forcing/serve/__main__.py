@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(prog="python -m reward_forcing.serve",
                 description="Live, steerable video generation in the browser (one session per process).")
     p.add_argument("--config_path", default="configs/reward_forcing.yaml", help="YAML config (see configs/)")
-    p.add_argument("--checkpoint_path", default=None, help="generator weights (as for inference.py)")
+    p.add_argument("--checkpoint_path", default=None,
+                   help="generator weights (as for inference.py; default: the config's model.checkpoint)")
     p.add_argument("--use_ema", action="store_true", help="use generator_ema of a trainer checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
@@ -67,8 +68,10 @@ def main(argv=None) -> int:
                               ("cpu" if args.device == "auto" else args.device))
         dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
                  "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        if args.checkpoint_path is not None and not Path(args.checkpoint_path).is_file():
-            raise FileNotFoundError(f"--checkpoint_path {args.checkpoint_path} does not exist")
+        checkpoint = args.checkpoint_path or cfg.model.checkpoint or None
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            source = "--checkpoint_path" if args.checkpoint_path else f"model.checkpoint of {args.config_path}"
+            raise FileNotFoundError(f"{source}: {checkpoint} does not exist")
         if args.queue_blocks < 1 or args.max_prompt_chars < 1 or args.max_upload_mb <= 0:
             raise ValueError("--queue_blocks, --max_prompt_chars and --max_upload_mb must be positive")
         if (args.decoder == "taehv") != (args.taehv_path is not None):
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
         if args.decoder == "taehv":
             from ..models.taehv import TAEHVDecoder
             preview = TAEHVDecoder.from_file(args.taehv_path, device=device, dtype=dtype)
-        pipe = build_pipeline(cfg, checkpoint=args.checkpoint_path, use_ema=args.use_ema, device=device,
+        pipe = build_pipeline(cfg, checkpoint=checkpoint, use_ema=args.use_ema, device=device,
                               dtype=dtype)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -86,7 +89,8 @@ def main(argv=None) -> int:
     if not _is_loopback(args.host):
         print(f"warning: serving on {args.host}: anyone who can reach this port can use the GPU"
               + ("" if token else "; consider --token auto"), file=sys.stderr)
-    options = ServeOptions(height=cfg.video.height, width=cfg.video.width, fps=cfg.video.fps, token=token,
+    options = ServeOptions(height=cfg.video.height, width=cfg.video.width, fps=cfg.video.fps,
+                           display_scale=cfg.video.display_scale, token=token,
                            record_dir=Path(args.record_dir), max_prompt_chars=args.max_prompt_chars,
                            max_upload_bytes=int(args.max_upload_mb * 2**20), queue_blocks=args.queue_blocks,
                            decoder_model=preview)

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 HEADER_BYTES = 16
 _MESSAGE_TYPES = {"start", "prompt", "seed", "reset", "sink_alpha", "pause", "resume", "record", "ack"}
+_RELOAD_GRACE_S = 1.0  # how long a new client waits for the old one's close to arrive (a reload: milliseconds)
 _RECORDING_NAME = re.compile(r"^recording-\d{8}-\d{6}-[0-9a-f]{8}\.mp4$")
 
 
@@ -54,6 +55,7 @@ class ServeOptions:
     height: int
     width: int
     fps: float = DEFAULT_FPS
+    display_scale: int = 1  # frames are enlarged this many times (nearest neighbour) before JPEG encoding
     token: str | None = None  # required as ?token=... on every request when set
     record_dir: Path = Path("recordings")
     max_prompt_chars: int = 1000
@@ -62,6 +64,9 @@ class ServeOptions:
     in_flight: int = 2  # blocks sent and not yet acknowledged
     jpeg_quality: int = 90
     decoder_model: object | None = None  # a fast preview decoder (TAEHVDecoder); None: the Wan VAE
+    # A page reload: the old connection winds down (its model thread stops after the block in hand) while the new
+    # one waits up to this long for it, instead of being told it is busy.
+    handover_s: float = 30.0
 
 
 class ClientError(ValueError):
@@ -69,9 +74,22 @@ class ClientError(ValueError):
 
 
 def create_app(pipe: StreamingPipeline, options: ServeOptions) -> FastAPI:
-    """The FastAPI app over ``pipe``. One generating session per process: a second client is told it is busy."""
+    """The FastAPI app over ``pipe``. One generating session per process: a second client is told it is busy,
+    unless the first has already gone (a page reload), in which case it is served once the first has wound down."""
     app = FastAPI(title="reward-forcing live", docs_url=None, redoc_url=None, openapi_url=None)
-    state = {"busy": False}
+    state: dict[str, Connection | None] = {"connection": None}
+
+    async def slot_free() -> bool:
+        """Wait for the current connection to finish if its client has left (within ``handover_s``); a client
+        still connected after a short grace keeps the slot."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while (current := state["connection"]) is not None:
+            waited = loop.time() - start
+            if waited > options.handover_s or (not current.closed and waited > _RELOAD_GRACE_S):
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     def authorised(token: str | None) -> bool:
         return options.token is None or (token is not None and hmac.compare_digest(token, options.token))
@@ -100,16 +118,16 @@ def create_app(pipe: StreamingPipeline, options: ServeOptions) -> FastAPI:
             await ws.send_text(json.dumps({"type": "error", "message": "a valid ?token= is required", "fatal": True}))
             await ws.close(code=1008)
             return
-        if state["busy"]:
+        if not await slot_free():
             await ws.send_text(json.dumps({"type": "busy", "message": "busy: another client is generating on "
                                            "this server (one session per process); try again when it closes"}))
             await ws.close(code=1013)
             return
-        state["busy"] = True
+        state["connection"] = connection = Connection(ws, pipe, options)
         try:
-            await Connection(ws, pipe, options).run()
+            await connection.run()
         finally:
-            state["busy"] = False
+            state["connection"] = None
 
     return app
 
@@ -129,8 +147,9 @@ class Connection:
         self.closed = False
 
     async def run(self) -> None:
-        await self.send_json({"type": "hello", "fps": self.options.fps, "height": self.options.height,
-                              "width": self.options.width, "policies": list(SWITCH_POLICIES),
+        scale = self.options.display_scale
+        await self.send_json({"type": "hello", "fps": self.options.fps, "height": self.options.height * scale,
+                              "width": self.options.width * scale, "policies": list(SWITCH_POLICIES),
                               "max_prompt_chars": self.options.max_prompt_chars,
                               "max_upload_bytes": self.options.max_upload_bytes})
         sender = asyncio.create_task(self.send_loop())
@@ -248,7 +267,7 @@ class Connection:
     def start(self, prompt: str | None, seed: int, image=None) -> None:
         self.worker = ModelWorker(self.pipe, prompt or "a video", seed=seed, height=self.options.height,
                                   width=self.options.width, blocks=self.queue, image=image,
-                                  jpeg_quality=self.options.jpeg_quality,
+                                  jpeg_quality=self.options.jpeg_quality, display_scale=self.options.display_scale,
                                   decoder_model=self.options.decoder_model)
         self.worker.start()
 

@@ -23,7 +23,7 @@ import torch
 
 from ..interactive import Session
 from ..pipeline import StreamingPipeline
-from ..video_io import pixels_to_uint8
+from ..video_io import pixels_to_uint8, upscale_nearest
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +119,14 @@ class ModelWorker(threading.Thread):
 
     def __init__(self, pipe: StreamingPipeline, prompt: str, *, seed: int, height: int, width: int,
                  blocks: BlockQueue, image: torch.Tensor | None = None, jpeg_quality: int = 90,
-                 decoder_model=None):
+                 display_scale: int = 1, decoder_model=None):
         super().__init__(name="model", daemon=True)
         self.pipe, self.prompt, self.seed, self.height, self.width = pipe, prompt, seed, height, width
         self.image = image
         self.decoder_model = decoder_model  # None: the Wan VAE
         self.blocks = blocks
         self.jpeg_quality = jpeg_quality
+        self.display_scale = display_scale
         self.commands: queue.Queue = queue.Queue()
         self.messages: deque = deque()  # JSON-able dicts for the client, in order (deque appends are atomic)
         self.stats = Stats()
@@ -186,6 +187,7 @@ class ModelWorker(threading.Thread):
         frames = pixels_to_uint8(block.frames[0])  # [n, H, W, 3]
         if not isinstance(frames, np.ndarray):
             frames = frames.numpy()
+        frames = upscale_nearest(frames, self.display_scale)
         jpegs = [encode_jpeg(f, self.jpeg_quality) for f in frames]
         seconds = time.perf_counter() - start
         stats = self.stats
