@@ -97,6 +97,7 @@ class TrainingConfig:
     teacher_ckpt: str = ""
     critic_ckpt: str = ""
     latent_data: str = ""  # teacher mode: 'toy' (the toy world, drawn on the fly) or a folder of latent .pt files
+    toy_any_fast: float = 0.5  # latent_data=toy: probability that an `any` clip is fast (the Re-DMD positive control)
     ode_pairs_path: str = ""  # ode mode: the .pt file written by scripts/generate_ode_pairs.py
     # ode mode: each sample's first k blocks (k uniform in 0..blocks-1) are given clean, at t = 0, as context -
     # what the inference cache holds - instead of their noisy ODE states, and carry no loss. False is the
@@ -201,6 +202,8 @@ def _validate(cfg: Config, source: str) -> None:
     tr = cfg.training
     if tr.mode not in TRAINING_MODES:
         fail("training.mode", f"{tr.mode!r} is not one of {TRAINING_MODES}")
+    if not 0 <= tr.toy_any_fast <= 1:
+        fail("training.toy_any_fast", f"must be a probability in [0, 1], got {tr.toy_any_fast}")
     if not 0 <= tr.cfg_dropout < 1:
         fail("training.cfg_dropout", f"must be in [0, 1), got {tr.cfg_dropout}")
     if tr.reward_weighting not in ("per_sample", "first_sample"):

@@ -216,11 +216,12 @@ class LatentVideos:
         return self._get(list(items))
 
 
-def toy_videos(num_frames: int, seed: int = 0) -> LatentVideos:
-    """The toy world's clips (every prompt of its vocabulary), rendered on the fly from a seeded generator."""
+def toy_videos(num_frames: int, seed: int = 0, any_fast: float = 0.5) -> LatentVideos:
+    """The toy world's clips (every prompt of its vocabulary), rendered on the fly from a seeded generator;
+    ``any_fast``: the probability that an ``any`` clip is fast (0.5 in the world; other values resample it)."""
     from .toy import ToyWorld, all_prompts
 
-    world, generator = ToyWorld(), torch.Generator().manual_seed(seed)
+    world, generator = ToyWorld(any_fast=any_fast), torch.Generator().manual_seed(seed)
     return LatentVideos(all_prompts(), lambda prompts: (world.render(prompts, num_frames, generator)[0], prompts))
 
 
@@ -252,10 +253,10 @@ def ode_pairs(path: str | os.PathLike) -> LatentVideos:
     return LatentVideos(range(len(prompts)), lambda idx: (states[idx], [prompts[i] for i in idx]))
 
 
-def latent_videos(spec: str, *, num_frames: int, seed: int = 0) -> LatentVideos:
-    """``training.latent_data``: ``toy`` or a folder of latent ``.pt`` files."""
+def latent_videos(spec: str, *, num_frames: int, seed: int = 0, toy_any_fast: float = 0.5) -> LatentVideos:
+    """``training.latent_data``: ``toy`` (``training.toy_any_fast``) or a folder of latent ``.pt`` files."""
     if spec == "toy":
-        return toy_videos(num_frames, seed)
+        return toy_videos(num_frames, seed, toy_any_fast)
     if not spec:
         raise ValueError("training.mode=teacher needs training.latent_data: 'toy' or a folder of latent .pt files")
     return latent_folder(spec)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -54,6 +55,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=512, help="ODE pairs to sample (default 512)")
     p.add_argument("--jobs", type=int, default=2, help="training processes at once (default 2: one per core)")
     p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
+    p.add_argument("--study", default="recipe", choices=["recipe", "redmd"],
+                   help="recipe: the whole recipe and its gates (default); redmd: the Re-DMD study (docs/toy_world.md, "
+                        "'Re-DMD'): plain DMD, the reward-tilted critic at beta -1 / +1, the reference's Re-DMD at "
+                        "--beta, and a positive control, on the 'any' prompts, --seeds seeds each (~hours on 2 cores)")
+    p.add_argument("--gen_updates", type=int, default=300, help="redmd: generator updates per run (default 300)")
+    p.add_argument("--critic_ratio", type=int, default=2, help="redmd: critic steps per generator step (default 2)")
+    p.add_argument("--control_fast", type=float, default=0.63,
+                   help="redmd: the positive control's teacher is fine-tuned on a world whose 'any' clips are fast "
+                        "with this probability (default 0.63)")
+    p.add_argument("--control_steps", type=int, default=600, help="redmd: the control teacher's fine-tuning steps")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the DMD runs")
     return p.parse_intermixed_args(argv)
 
@@ -283,16 +294,171 @@ def print_gates(rows: list[dict], smoke: bool) -> None:
               f"{verdict}{'' if r['kind'] == 'engineering' else ' [research]'}")
 
 
+# ------------------------------------------------------------------------------------------ Re-DMD study
+REDMD_METHODS = {  # name -> overrides of the DMD config (the reward is net motion: 0 static, 1 fast)
+    "dmd": ["training.beta=0"],
+    "tilt +1": ["training.beta=0", "training.critic_tilt_beta=1"],
+    "tilt -1": ["training.beta=0", "training.critic_tilt_beta=-1"],
+    "re-dmd": ["training.critic_tilt_beta=0"],  # training.beta=--beta, set below
+    "control": ["training.beta=0"],  # plain DMD toward the control teacher
+}
+
+
+def redmd_runs(stages: Stages, teacher: Path, student: Path) -> tuple[Path, dict[tuple[str, int], Path]]:
+    """Train the control teacher, then every method x seed on the 'any' prompts; returns their run folders."""
+    args, smoke = stages.args, stages.smoke
+    steps = 3 if smoke else args.control_steps
+    (control,) = stages.train([("control_teacher", "teacher", [
+        f"training.teacher_ckpt={teacher}", f"training.toy_any_fast={args.control_fast}", f"training.max_steps={steps}",
+        f"training.save_every={steps}", f"training.lr_cooldown_steps={steps // 2}", "training.lr=3e-4",
+        *(["training.batch_size=4"] if smoke else [])])])
+    updates, ratio = (2, 1) if smoke else (args.gen_updates, args.critic_ratio)
+    total = updates * ratio
+    common = [f"training.generator_ckpt={student}", f"training.data_path={ROOT / 'configs/toy/prompts_any.txt'}",
+              f"training.dfake_gen_update_ratio={ratio}", f"training.max_steps={total}",
+              f"training.save_every={max(ratio, total // 3 // ratio * ratio)}",
+              *(["training.batch_size=2"] if smoke else []), *args.overrides]
+    jobs = []
+    for seed in range(1 if smoke else args.seeds):
+        for method, overrides in REDMD_METHODS.items():
+            scores = control if method == "control" else teacher
+            beta = [f"training.beta={args.beta}"] if method == "re-dmd" else []
+            jobs.append((f"redmd_{method.replace(' ', '')}_seed{seed}", "dmd",
+                         [*common, f"training.teacher_ckpt={scores}", f"training.critic_ckpt={scores}",
+                          f"training.seed={seed}", *overrides, *beta]))
+    exports = stages.train(jobs)
+    runs = {}
+    for (name, _, _), export in zip(jobs, exports):
+        method = next(m for m in REDMD_METHODS if name.startswith(f"redmd_{m.replace(' ', '')}_seed"))
+        runs[(method, int(name.rsplit("seed", 1)[1]))] = export.parent
+    return control, runs
+
+
+def redmd_evaluate(stages: Stages, teacher: Path, control: Path, runs: dict[tuple[str, int], Path]) -> dict:
+    """Fast fraction on the 'any' prompts (fixed noise) along each run, the other metrics at its end, the paired
+    bootstrap of every method against plain DMD, and the prediction for the tilted critic."""
+    smoke, beta = stages.smoke, stages.args.beta
+    torch.set_num_threads(1)
+    cfg = load_config(CONFIGS["dmd"], [f"training.teacher_ckpt={teacher}", *stages.args.overrides])
+    text = build_text_encoder(cfg)
+    bimodal = ev.eval_prompts(("any",), 1 if smoke else 8)
+    others = ev.eval_prompts(("static", "fast"), 1 if smoke else 4)
+    results: dict = {"teacher_fast_fraction": {}, "curves": {}, "final": {}, "fast": {}}
+    for name, weights in (("teacher", teacher), ("control teacher", control)):
+        model = build_dit(cfg, "toy", weights=weights, what="teacher").eval()
+        v = ev.sample_teacher_videos(model, text, bimodal, steps=4 if smoke else 32)
+        results["teacher_fast_fraction"][name] = (ev.metrics.net_motion(v) > ev.FAST_THRESHOLD).float().mean().item()
+    rewards = {}
+    for (method, seed), run in sorted(runs.items()):
+        exports = sorted(run.glob("checkpoint_model_*/model.pt"))
+        for export in exports:
+            pipe = build_pipeline(cfg, checkpoint=export)
+            motion = ev.metrics.net_motion(ev.sample_student_videos(pipe, bimodal))
+            fast = motion > ev.FAST_THRESHOLD
+            updates = int(export.parent.name.rsplit("_", 1)[1]) // max(1, stages.args.critic_ratio if not smoke else 1)
+            results["curves"].setdefault(method, {}).setdefault(updates, []).append(fast.float().mean().item())
+            if export == exports[-1]:
+                results["fast"][(method, seed)] = fast
+                rewards[(method, seed)] = motion / ev.WORLD.fast_speed
+                v = ev.sample_student_videos(pipe, others)
+                results["final"].setdefault(method, []).append(ev.as_dict(ev.group_metrics(v, others)))
+    seeds = sorted({seed for _, seed in runs})
+    table = {}
+    for method in REDMD_METHODS:
+        per_seed = [results["fast"][(method, s)].float().mean().item() for s in seeds]
+        base = [results["fast"][("dmd", s)].float().mean().item() for s in seeds]
+        diff = torch.stack([results["fast"][(method, s)].float() - results["fast"][("dmd", s)].float() for s in seeds])
+        mean, low, high = ev.bootstrap_mean_ci(diff)
+        finals = results["final"][method]
+        table[method] = {"fast_fraction": per_seed, "dmd_fast_fraction": base, "difference": mean, "ci95": [low, high],
+                         **{key: sum(f[group][metric] for f in finals) / len(finals) for key, group, metric in [
+                             ("static_motion", "static", "net_motion"), ("fast_motion", "fast", "net_motion"),
+                             ("direction", "fast", "direction_accuracy"), ("flicker", "all", "flicker"),
+                             ("colour", "all", "colour_accuracy"), ("blobs", "all", "blobs_per_frame")]}}
+    # The prediction: the tilt multiplies the odds of the fast mode by exp(beta * reward gap between the modes)
+    r = torch.cat([rewards[("dmd", s)] for s in seeds])
+    f = torch.cat([results["fast"][("dmd", s)] for s in seeds])
+    gap = (r[f].mean() - r[~f].mean()).item() if f.any() and (~f).any() else 1.0
+    p0 = sum(table["dmd"]["fast_fraction"]) / len(seeds)
+    odds = p0 / max(1e-6, 1 - p0)
+    for method, b in (("tilt +1", 1.0), ("tilt -1", -1.0), ("re-dmd", 0.0)):  # Re-DMD's fixed point is the teacher
+        predicted = odds * math.exp(b * gap)
+        table[method]["predicted_fast_fraction"] = predicted / (1 + predicted)
+    results["reward_gap"] = gap
+    results["table"] = table
+    results["fast"] = {f"{m} seed{s}": v.tolist() for (m, s), v in results["fast"].items()}
+    results["beta"] = beta
+    return results
+
+
+def redmd_gates(results: dict) -> list[dict]:
+    t = results["table"]
+    rows = []
+
+    def gate(name, value, ok, threshold, kind="research"):
+        rows.append({"stage": "re-dmd study", "gate": name, "value": value, "threshold": threshold, "data": "",
+                     "pass": bool(ok), "kind": kind})
+
+    control = t["control"]
+    gate(f"positive control: student toward a teacher at {results['teacher_fast_fraction']['control teacher']:.2f} "
+         f"fast (CI {control['ci95'][0]:+.3f}..{control['ci95'][1]:+.3f})", control["difference"],
+         control["ci95"][0] > 0, "CI above 0")
+    for method, sign in (("tilt +1", 1), ("tilt -1", -1)):
+        m = t[method]
+        every = all(sign * (a - b) > 0 for a, b in zip(m["fast_fraction"], m["dmd_fast_fraction"]))
+        excludes = m["ci95"][0] > 0 if sign > 0 else m["ci95"][1] < 0
+        gate(f"{method} vs dmd (CI {m['ci95'][0]:+.3f}..{m['ci95'][1]:+.3f}; predicted "
+             f"{m['predicted_fast_fraction'] - sum(m['dmd_fast_fraction']) / len(m['dmd_fast_fraction']):+.3f})",
+             m["difference"], every and excludes, f"{'>' if sign > 0 else '<'} 0 every seed, CI excludes 0")
+    m = t["re-dmd"]
+    gate(f"re-dmd beta {results['beta']:g} vs dmd (CI {m['ci95'][0]:+.3f}..{m['ci95'][1]:+.3f}), reported",
+         m["difference"], True, "reported")
+    return rows
+
+
+def redmd_report(out: Path, results: dict, rows: list[dict]) -> Path:
+    lines = ["| method | fast fraction per seed | mean | vs dmd (95 % CI) | predicted | static motion | fast motion | "
+             "direction | flicker | colour | blobs/frame |", "|" + "---|" * 11]
+    for method, m in results["table"].items():
+        pred = m.get("predicted_fast_fraction")
+        lines.append(f"| {method} | {' / '.join(f'{x:.3f}' for x in m['fast_fraction'])} | "
+                     f"{sum(m['fast_fraction']) / len(m['fast_fraction']):.3f} | {m['difference']:+.3f} "
+                     f"({m['ci95'][0]:+.3f}..{m['ci95'][1]:+.3f}) | {'-' if pred is None else f'{pred:.3f}'} | "
+                     f"{m['static_motion']:.3f} | {m['fast_motion']:.3f} | {m['direction'] or 0:.3f} | "
+                     f"{m['flicker']:.3f} | {m['colour']:.3f} | {m['blobs']:.2f} |")
+    lines += ["", f"Teachers' fast fraction: {results['teacher_fast_fraction']}; reward gap between the modes "
+              f"{results['reward_gap']:.3f}.", "", "| gate | value | threshold | result |", "|---|---|---|---|"]
+    lines += [f"| {r['gate']} | {r['value']:.3f} | {r['threshold']} | {'pass' if r['pass'] else '**fail**'} |"
+              for r in rows]
+    plot = report.plot_fast_fraction(out, {m: {int(k): v for k, v in c.items()} for m, c in results["curves"].items()},
+                                     results["teacher_fast_fraction"]["teacher"])
+    lines += ["", f"![fast fraction against generator updates]({plot.name})"]
+    path = out / "redmd.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.seeds < 1 or args.jobs < 1 or args.pairs < 1:
-        print("error: --seeds, --jobs and --pairs must be >= 1", file=sys.stderr)
+    if args.seeds < 1 or args.jobs < 1 or args.pairs < 1 or args.gen_updates < 1 or args.critic_ratio < 1:
+        print("error: --seeds, --jobs, --pairs, --gen_updates and --critic_ratio must be >= 1", file=sys.stderr)
         return 2
     start = time.time()
     stages = Stages(args)
     teacher = stages.teacher()
     pairs = stages.ode_pairs(teacher)
     student = stages.ode(teacher, pairs)
+    if args.study == "redmd":
+        control, runs = redmd_runs(stages, teacher, student)
+        print(f"[{time.strftime('%H:%M:%S')}] evaluating", flush=True)
+        results = redmd_evaluate(stages, teacher, control, runs)
+        rows = redmd_gates(results)
+        results["gates"], results["minutes"] = rows, (time.time() - start) / 60
+        (stages.out / "results_redmd.json").write_text(json.dumps(results, indent=1))
+        path = redmd_report(stages.out, results, rows)
+        print_gates(rows, args.smoke)
+        print(f"\nresults: {stages.out / 'results_redmd.json'}, report: {path} ({results['minutes']:.1f} min)")
+        return 0  # a research study: its gates are reported, never a failed exit
     dmd = stages.dmd(teacher, student)
     print(f"[{time.strftime('%H:%M:%S')}] evaluating", flush=True)
     results, videos, prompts = evaluate(stages, teacher, student, dmd)

@@ -75,6 +75,16 @@ def test_jitter_is_not_motion_and_any_is_bimodal():
     assert 0.4 < (speed > 0).float().mean().item() < 0.6 and set(speed.tolist()) == {0.0, 0.75}
 
 
+def test_a_resampled_world_changes_the_any_mode_share():
+    world = ToyWorld(any_fast=0.63)
+    _, speed = world.render(["green any up"] * 2000, 3, torch.Generator().manual_seed(0))
+    assert abs((speed > 0).float().mean().item() - 0.63) < 0.03
+    from reward_forcing.data import latent_videos
+    videos = latent_videos("toy", num_frames=9, seed=0, toy_any_fast=1.0)
+    latents, prompts = videos.get(["red any left"] * 8)
+    assert (metrics.net_motion(latents) > 0.7).all() and prompts == ["red any left"] * 8
+
+
 def test_bad_toy_prompt_is_one_clear_line():
     with pytest.raises(ValueError, match="'red slow left' is not '<colour> <speed> <direction>'"):
         WORLD.render(["red slow left"], 3)

@@ -147,3 +147,23 @@ def write(out: Path, results: dict, videos: dict[str, torch.Tensor], prompts: li
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def plot_fast_fraction(out: Path, curves: dict[str, dict[int, list[float]]], teacher: float | None = None,
+                       name: str = "redmd_fast_fraction.png") -> Path:
+    """Fast fraction of the ``any`` prompts against generator updates: ``curves[method][updates] = [per seed]``;
+    each seed a thin line, the mean a thick one."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (method, points) in enumerate(curves.items()):
+        colour = f"C{i}"
+        xs = sorted(points)
+        seeds = len(points[xs[-1]])
+        for s in range(seeds):
+            ax.plot(xs, [points[x][s] for x in xs], color=colour, lw=0.6, alpha=0.4)
+        ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], color=colour, lw=2.2, label=method, marker="o")
+    if teacher is not None:
+        ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher")
+    ax.set_xlabel("generator updates")
+    ax.set_ylabel("fast fraction on the 'any' prompts")
+    ax.legend(fontsize=8)
+    return _save(fig, out / name)

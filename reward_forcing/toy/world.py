@@ -59,16 +59,18 @@ class ToyWorld:
     channels: int = 3
     blob_sigma: float = 1.5
     fast_speed: float = 0.75  # pixels per frame
+    any_fast: float = 0.5  # probability that a clip of an `any` prompt is fast (a resampled world changes it)
 
     def render(self, prompts: list[str], num_frames: int, generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Clips of ``prompts``: latents ``[B, F, 3, size, size]`` and the true speed of each ``[B]`` (pixels per
-        frame: 0 or ``fast_speed``; an ``any`` prompt draws one of the two). Start positions are uniform."""
+        frame: 0 or ``fast_speed``; an ``any`` prompt is fast with probability ``any_fast``). Start positions are
+        uniform."""
         parsed = [ToyPrompt.parse(p) for p in prompts]
         b = len(parsed)
         start = torch.rand(b, 2, generator=generator) * self.size  # (x, y)
         coin = torch.rand(b, generator=generator)
-        speed = torch.tensor([self.fast_speed if p.speed == "fast" or (p.speed == "any" and c < 0.5) else 0.0
+        speed = torch.tensor([self.fast_speed if p.speed == "fast" or (p.speed == "any" and c < self.any_fast) else 0.0
                               for p, c in zip(parsed, coin.tolist())])
         unit = torch.tensor([DIRECTION_UNITS[p.direction] for p in parsed])
         t = torch.arange(num_frames, dtype=torch.float32)
@@ -95,7 +97,7 @@ class ToyWorld:
 def data_reference(world: ToyWorld) -> dict[str, float]:
     """The data's own values of the gated metrics (what a perfect model would score)."""
     return {"static_motion": 0.0, "fast_motion": world.fast_speed, "speed_gap": world.fast_speed,
-            "colour_accuracy": 1.0, "blobs_per_frame": 1.0, "fast_fraction_any": 0.5, "flicker": 0.0,
+            "colour_accuracy": 1.0, "blobs_per_frame": 1.0, "fast_fraction_any": world.any_fast, "flicker": 0.0,
             "direction_accuracy": 1.0}
 
 

@@ -199,7 +199,7 @@ class Trainer:
         self.videos: LatentVideos | None = None  # what teacher / ode mode train on; dmd trains on prompts
         if self.mode == "teacher":
             self.videos = latent_videos(self.tr.latent_data, num_frames=self.tr.num_training_frames,
-                                        seed=self.tr.seed + dist.rank)
+                                        seed=self.tr.seed + dist.rank, toy_any_fast=self.tr.toy_any_fast)
         elif self.mode == "ode":
             self.videos = ode_pairs(self.tr.ode_pairs_path)
         items = prompts if self.videos is None else self.videos.items
