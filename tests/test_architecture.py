@@ -36,6 +36,7 @@ LAYERS = {
     "reward_forcing.interactive": 7,  # its __init__ and start media
     "reward_forcing.toy.evaluate": 7,  # toy-world evaluation through the pipeline and the teacher sampler
     "reward_forcing.toy.report": 7,
+    "reward_forcing.toy.studies": 7,  # live features measured in the toy world (switches, start media, levers)
     "reward_forcing.serve": 8,
 }
 SUBPACKAGES = ("reward_forcing.training", "reward_forcing.evaluation", "reward_forcing.models.video_reward",

@@ -73,6 +73,21 @@ def test_stream_two_writes_read_back(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
+def test_scale_enlarges_nearest_neighbour(tmp_path):
+    frames = np.zeros((3, 2, 2, 3), np.uint8)
+    frames[:, 0, 1] = [255, 0, 0]  # one red pixel top right
+    assert video_io.upscale_nearest(frames, 1) is frames
+    big = video_io.upscale_nearest(frames, 4)
+    assert big.shape == (3, 8, 8, 3) and (big[:, :4, 4:] == [255, 0, 0]).all() and (big[:, 4:] == 0).all()
+    with Mp4Writer(tmp_path / "s.mp4", fps=8, scale=16) as w:
+        w.write(frames)
+    video, _ = read_video(tmp_path / "s.mp4")
+    assert video.shape == (3, 32, 32, 3)
+    assert video[:, 4:12, 20:28, 0].min() > 200 and video[:, 20:, :, 0].max() < 40
+    with pytest.raises(ValueError, match="scale must be >= 1"):
+        Mp4Writer(tmp_path / "x.mp4", scale=0)
+
+
 def test_odd_size_is_kept(tmp_path):
     path = tmp_path / "odd.mp4"
     with Mp4Writer(path, fps=8) as w:
