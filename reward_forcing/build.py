@@ -13,12 +13,13 @@ import torch
 
 from . import checkpoints as ckpt
 from .config import Config
-from .file_io import load_torch_file
 from .models.kv_cache import CausalSpec
-from .models.text_encoder import WAN_T5_CHECKPOINT, WAN_T5_TOKENIZER_DIR, TextEncoder
-from .models.vae import IdentityVAE, WanVAE
+from .interfaces import Decoder, Registry, Reward, TextEncoderLike
+from .models.text_encoder import TextEncoder
+from .models.vae import WAN21_VAE_ARCH, IdentityVAE, WanVAE
 from .models.wan import WanConfig, WanModel, init_random_, init_weights_
 from .pipeline import StreamingPipeline
+from .streaming import StreamSettings, latent_size
 from .toy import ToyMotionReward, ToyTextEncoder
 
 log = logging.getLogger(__name__)
@@ -93,67 +94,124 @@ def build_inference_generator(cfg: Config, **kwargs) -> WanModel:
     return model
 
 
+# ------------------------------------------------------------------------------- pluggable parts, by name
+TEXT_ENCODERS: Registry[TextEncoderLike] = Registry("text encoder", "model.text_encoder")
+DECODERS: Registry[Decoder] = Registry("decoder", "model.vae")
+REWARDS: Registry[Reward] = Registry("reward", "model.reward")
+_NO_FILES = {"tiny", "toy", "identity", "toy_motion"}  # parts that read nothing under checkpoint_root
+
+
 def needs_checkpoint_root(cfg: Config) -> bool:
     """Whether building the config's text encoder or decoder reads ``checkpoint_root`` (umt5-xxl, the Wan VAE)."""
-    return cfg.model.text_encoder not in ("tiny", "toy") or cfg.model.vae not in ("tiny", "identity")
+    return not cfg.model.random_init and not {cfg.model.text_encoder, cfg.model.vae} <= _NO_FILES
 
 
-def build_text_encoder(cfg: Config, *, device="cpu", dtype=torch.float32) -> TextEncoder:
-    """The config's text encoder: anything with ``forward(prompts) -> [B, L, text_dim]`` and
-    ``encode_negative(prompt, batch_size)``."""
-    if cfg.model.text_encoder == "tiny":
-        return TextEncoder.tiny().to(device=device, dtype=dtype)
-    if cfg.model.text_encoder == "toy":
-        return ToyTextEncoder(dim=WanConfig.from_flavor(cfg.model.generator).text_dim).to(device=device, dtype=dtype)
+def _with_download_hint(load, train: bool = False):
+    """Call ``load()``; a missing file's one-line error gets the download hint (the models name the file)."""
+    try:
+        return load()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; {ckpt.download_hint(train)}") from None
+
+
+@TEXT_ENCODERS.register("umt5-xxl")
+def _umt5_xxl(cfg: Config, device, dtype) -> TextEncoder:
+    if cfg.model.random_init:  # the real architecture, random weights (benchmarks)
+        return TextEncoder.random(device=device, dtype=dtype)
     folder = ckpt.asset_path(cfg.checkpoint_root, "wan_1_3b")
-    checkpoint = ckpt.require_file(folder / WAN_T5_CHECKPOINT, "Wan T5 checkpoint")
-    ckpt.require_file(folder / WAN_T5_TOKENIZER_DIR, "umt5-xxl tokenizer folder")
-    return TextEncoder.from_wan_folder(folder, dtype=dtype, device=device, state_dict=load_torch_file(checkpoint))
+    return _with_download_hint(lambda: TextEncoder.from_wan_folder(folder, dtype=dtype, device=device))
 
 
-def build_vae(cfg: Config, *, device="cpu", dtype=torch.float32) -> WanVAE | IdentityVAE:
-    """The config's decoder: the Wan VAE, or the identity for a world that lives in latent space."""
-    if cfg.model.vae == "tiny":
-        return WanVAE.tiny().to(device=device, dtype=dtype)
-    if cfg.model.vae == "identity":
-        return IdentityVAE(dtype).to(device)
-    state_dict = load_torch_file(ckpt.asset_path(cfg.checkpoint_root, "vae"))
-    return WanVAE.from_original_state_dict(state_dict).to(device=device, dtype=dtype)
+@TEXT_ENCODERS.register("tiny")
+def _tiny_text(cfg: Config, device, dtype) -> TextEncoder:
+    return TextEncoder.tiny().to(device=device, dtype=dtype)
+
+
+@TEXT_ENCODERS.register("toy")
+def _toy_text(cfg: Config, device, dtype) -> ToyTextEncoder:
+    return ToyTextEncoder(dim=WanConfig.from_flavor(cfg.model.generator).text_dim).to(device=device, dtype=dtype)
+
+
+@DECODERS.register("wan2.1")
+def _wan21_vae(cfg: Config, device, dtype) -> WanVAE:
+    if cfg.model.random_init:
+        return WanVAE.random(WAN21_VAE_ARCH).to(device=device, dtype=dtype)
+    path = ckpt.asset_path(cfg.checkpoint_root, "vae")
+    return _with_download_hint(lambda: WanVAE.from_wan_pth(path, device=device, dtype=dtype))
+
+
+@DECODERS.register("tiny")
+def _tiny_vae(cfg: Config, device, dtype) -> WanVAE:
+    return WanVAE.tiny().to(device=device, dtype=dtype)
+
+
+@DECODERS.register("identity")
+def _identity(cfg: Config, device, dtype) -> IdentityVAE:
+    return IdentityVAE(dtype).to(device)
+
+
+def build_text_encoder(cfg: Config, *, device="cpu", dtype=torch.float32) -> TextEncoderLike:
+    """The config's text encoder (``model.text_encoder``, one of ``TEXT_ENCODERS``)."""
+    return TEXT_ENCODERS.build(cfg.model.text_encoder, cfg, device, dtype)
+
+
+def build_vae(cfg: Config, *, device="cpu", dtype=torch.float32) -> Decoder:
+    """The config's decoder (``model.vae``, one of ``DECODERS``): the Wan VAE, or the identity for a world that
+    lives in latent space."""
+    return DECODERS.build(cfg.model.vae, cfg, device, dtype)
 
 
 def build_pipeline(cfg: Config, *, checkpoint: str | Path | None = None, use_ema: bool = False, device="cpu",
                    dtype=torch.float32, text_encoder_device=None) -> StreamingPipeline:
     """The streaming pipeline of a config: generator (``checkpoint`` or the config's weights), text encoder, VAE,
     schedule and default video size (tiny random models for ``configs/tiny.yaml``)."""
+    vae = build_vae(cfg, device=device, dtype=dtype)  # first: it owns the geometry the video size is checked on
+    latent_size(vae, WanConfig.from_flavor(cfg.model.generator).patch_size, cfg.video.height, cfg.video.width)
     generator = build_inference_generator(cfg, checkpoint=checkpoint, use_ema=use_ema, device=device, dtype=dtype)
     text_device = text_encoder_device or ("cpu" if cfg.text.offload_text_encoder else device)
     text_encoder = build_text_encoder(cfg, device=text_device, dtype=dtype)
-    vae = build_vae(cfg, device=device, dtype=dtype)
-    return StreamingPipeline(generator, text_encoder, vae, denoising_steps=cfg.schedule.denoising_step_list,
-                             warp=cfg.schedule.warp_denoising_step, timestep_shift=cfg.schedule.timestep_shift,
-                             context_noise=cfg.schedule.context_noise, context_pass=cfg.schedule.context_pass,
-                             offload_text_encoder=cfg.text.offload_text_encoder, height=cfg.video.height,
-                             width=cfg.video.width)
+    return StreamingPipeline(generator, text_encoder, vae, stream_settings(cfg))
 
 
-def build_reward(cfg: Config, *, device="cpu", dtype=torch.float32, require_template: bool = True):
-    """The frozen VideoReward model (tiny random one for debug runs), prompted as VideoAlign trained it.
+def stream_settings(cfg: Config) -> StreamSettings:
+    """The block loop's settings of a config."""
+    return StreamSettings(denoising_steps=tuple(cfg.schedule.denoising_step_list),
+                          warp=cfg.schedule.warp_denoising_step, timestep_shift=cfg.schedule.timestep_shift,
+                          context_noise=cfg.schedule.context_noise, context_pass=cfg.schedule.context_pass,
+                          offload_text_encoder=cfg.text.offload_text_encoder, height=cfg.video.height,
+                          width=cfg.video.width)
 
-    The training prompt is read from VideoAlign's ``prompt_template.py`` in the VideoReward folder. Without that
+
+def build_reward(cfg: Config, *, device="cpu", dtype=torch.float32, require_template: bool = True) -> Reward:
+    """The config's reward (``model.reward``, one of ``REWARDS``). VideoReward is prompted as VideoAlign trained it:
+    the training prompt is read from VideoAlign's ``prompt_template.py`` in the VideoReward folder. Without that
     file, Re-DMD training (``require_template``, the default) stops and says how to get it; scoring outside
     training (``require_template=False``) falls back to our own wording, with a warning that the scores are not
     VideoAlign's.
     """
+    return REWARDS.build(cfg.model.reward, cfg, device, dtype, require_template)
+
+
+@REWARDS.register("toy_motion")
+def _toy_motion(cfg: Config, device, dtype, require_template: bool) -> ToyMotionReward:
+    return ToyMotionReward().to(device)
+
+
+@REWARDS.register("tiny")
+def _tiny_reward(cfg: Config, device, dtype, require_template: bool):
     from .models.video_reward import VideoPreprocessConfig, VideoReward
 
     tr = cfg.training
-    if cfg.model.reward == "toy_motion":
-        return ToyMotionReward().to(device)
-    reference_range = tr.reward_pixel_range == "reference"
-    if cfg.model.reward == "tiny":
-        preprocess = VideoPreprocessConfig(fps=tr.reward_fps, sample_all_frames=tr.reward_sample_all_frames,
-                                           reference_pixel_range=reference_range, min_pixels=56 * 56)
-        return VideoReward.tiny(preprocess=preprocess).to(device=device, dtype=dtype)
+    preprocess = VideoPreprocessConfig(fps=tr.reward_fps, sample_all_frames=tr.reward_sample_all_frames,
+                                       reference_pixel_range=tr.reward_pixel_range == "reference", min_pixels=56 * 56)
+    return VideoReward.tiny(preprocess=preprocess).to(device=device, dtype=dtype)
+
+
+@REWARDS.register("videoreward")
+def _video_reward(cfg: Config, device, dtype, require_template: bool):
+    from .models.video_reward import VideoReward
+
+    tr = cfg.training
     folder = ckpt.find_video_reward_dir(cfg.checkpoint_root)
     template = folder / ckpt.VIDEO_REWARD_TEMPLATE
     if not template.is_file():
@@ -163,10 +221,7 @@ def build_reward(cfg: Config, *, device="cpu", dtype=torch.float32, require_temp
                 f"without it the rewards would come from a prompt it never saw); run `bash download_checkpoints.sh "
                 f"--train` or download {ckpt.VIDEO_REWARD_TEMPLATE_URL} to that path")
         template = None
-    try:
-        return VideoReward.from_pretrained(folder, prompt_template_file=template, device=device, dtype=dtype,
-                                           fps=tr.reward_fps, sample_all_frames=tr.reward_sample_all_frames,
-                                           reference_pixel_range=reference_range)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err}; {ckpt.download_hint(train=True)}") from None
-
+    return _with_download_hint(lambda: VideoReward.from_pretrained(
+        folder, prompt_template_file=template, device=device, dtype=dtype, fps=tr.reward_fps,
+        sample_all_frames=tr.reward_sample_all_frames, reference_pixel_range=tr.reward_pixel_range == "reference"),
+        train=True)

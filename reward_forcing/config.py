@@ -17,7 +17,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .compile import COMPILE_FALLBACKS, COMPILE_MODES
 from .models.kv_cache import CausalSpec
-from .models.wan import WanConfig
+from .models.wan import WAN_FLAVORS
+from .schedule import NUM_TRAIN_TIMESTEPS
+from .streaming import StreamSettings
 
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
@@ -51,22 +53,24 @@ class ModelConfig:
     compile_fallback: str = "error"  # error: a failed compile stops the run | eager: warn and run eager
 
 
+_STREAM = StreamSettings()  # the block loop's defaults live there, once
+
+
 @dataclass
 class ScheduleConfig:
-    timestep_shift: float = 5.0
-    num_train_timesteps: int = 1000
-    denoising_step_list: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
-    warp_denoising_step: bool = True  # map the list through the shifted grid: [1000, 937.5, 833.33, 625]
-    context_noise: float = 0.0  # timestep of the cache-writing context pass after each block
+    timestep_shift: float = _STREAM.timestep_shift
+    denoising_step_list: list[float] = field(default_factory=lambda: list(_STREAM.denoising_steps))
+    warp_denoising_step: bool = _STREAM.warp  # map the list through the shifted grid: [1000, 937.5, 833.33, 625]
+    context_noise: float = _STREAM.context_noise  # timestep of the cache-writing context pass after each block
     # Inference only: false skips that pass (4 forwards per block instead of 5) and the cache keeps the last denoising
     # step's keys/values. Training rollouts always run it. Measured in docs/toy_world.md ("Speed levers").
-    context_pass: bool = True
+    context_pass: bool = _STREAM.context_pass
 
 
 @dataclass
 class VideoConfig:
-    height: int = 480  # pixels
-    width: int = 832
+    height: int = _STREAM.height  # pixels
+    width: int = _STREAM.width
     num_output_frames: int = 21  # latent frames (21 -> 81 video frames)
     fps: int = 16
     # Written videos and the live app's frames are enlarged this many times, nearest neighbour (the toy world's
@@ -77,7 +81,7 @@ class VideoConfig:
 @dataclass
 class TextConfig:
     negative_prompt: str = WAN_NEGATIVE_PROMPT  # used by the teacher's CFG in training
-    offload_text_encoder: bool = False  # park UMT5 on the CPU; it visits the GPU only to encode (small GPUs)
+    offload_text_encoder: bool = _STREAM.offload_text_encoder  # UMT5 parked on the CPU, on the GPU only to encode
 
 
 @dataclass
@@ -161,28 +165,20 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
-_FLAVORS = ("tiny", "toy", "1.3B", "14B")
 TRAINING_MODES = ("dmd", "ode", "teacher")
-TEXT_ENCODERS = ("umt5-xxl", "tiny", "toy")
-VAES = ("wan2.1", "tiny", "identity")
-REWARDS = ("videoreward", "tiny", "toy_motion")
 
 
 def _validate(cfg: Config, source: str) -> None:
     def fail(key, msg):
         raise ConfigError(f"{source}: {key}: {msg}")
 
+    # The text encoder, decoder and reward are checked by their registries in build.py (the config cannot see
+    # what is registered there); the decoder also owns the video geometry (build_pipeline checks the size first).
     for key in ("generator", "critic", "teacher"):
-        if getattr(cfg.model, key) not in _FLAVORS:
-            fail(f"model.{key}", f"{getattr(cfg.model, key)!r} is not one of {_FLAVORS}")
-    if cfg.model.text_encoder not in TEXT_ENCODERS:
-        fail("model.text_encoder", f"{cfg.model.text_encoder!r} is not one of {TEXT_ENCODERS}")
+        if getattr(cfg.model, key) not in WAN_FLAVORS:
+            fail(f"model.{key}", f"{getattr(cfg.model, key)!r} is not one of {tuple(WAN_FLAVORS)}")
     if cfg.model.rope_precision not in ("float64", "float32"):
         fail("model.rope_precision", f"{cfg.model.rope_precision!r} is not 'float64' or 'float32'")
-    if cfg.model.reward not in REWARDS:
-        fail("model.reward", f"{cfg.model.reward!r} is not one of {REWARDS}")
-    if cfg.model.vae not in VAES:
-        fail("model.vae", f"{cfg.model.vae!r} is not one of {VAES}")
     if cfg.model.compile_mode not in COMPILE_MODES:
         fail("model.compile_mode", f"{cfg.model.compile_mode!r} is not one of {COMPILE_MODES}")
     if cfg.model.compile_fallback not in COMPILE_FALLBACKS:
@@ -190,11 +186,6 @@ def _validate(cfg: Config, source: str) -> None:
     if cfg.video.num_output_frames < 1 or cfg.video.num_output_frames % cfg.causal.frames_per_block:
         fail("video.num_output_frames", f"{cfg.video.num_output_frames} latent frames is not a positive multiple "
              f"of causal.frames_per_block={cfg.causal.frames_per_block} (e.g. 21 for 81 video frames)")
-    stride = 1 if cfg.model.vae == "identity" else 8
-    multiple = stride * WanConfig.from_flavor(cfg.model.generator).patch_size[1]
-    if min(cfg.video.height, cfg.video.width) < multiple or cfg.video.height % multiple or cfg.video.width % multiple:
-        fail("video", f"height x width {cfg.video.height}x{cfg.video.width} must be positive multiples of {multiple} "
-             f"(VAE stride {stride} times the DiT patch)")
     if cfg.video.fps < 1:
         fail("video.fps", f"must be >= 1, got {cfg.video.fps}")
     if not 1 <= cfg.video.display_scale <= 64:
@@ -214,13 +205,13 @@ def _validate(cfg: Config, source: str) -> None:
         cfg.causal.with_policy(tr.rollout_sink_policy)  # CausalSpec validates sink policies
     except ValueError as err:
         fail("training.rollout_sink_policy", str(err))
-    _validate_training(tr, cfg.schedule.num_train_timesteps, fail)
+    _validate_training(tr, NUM_TRAIN_TIMESTEPS, fail)
     if tr.num_training_frames % cfg.causal.frames_per_block:
         fail("training.num_training_frames", f"{tr.num_training_frames} is not a multiple of "
              f"causal.frames_per_block={cfg.causal.frames_per_block}")
     for step in cfg.schedule.denoising_step_list:
-        if not 0 < step <= cfg.schedule.num_train_timesteps:
-            fail("schedule.denoising_step_list", f"step {step} outside (0, {cfg.schedule.num_train_timesteps}]")
+        if not 0 < step <= NUM_TRAIN_TIMESTEPS:
+            fail("schedule.denoising_step_list", f"step {step} outside (0, {NUM_TRAIN_TIMESTEPS}]")
 
 
 def _validate_training(tr: TrainingConfig, num_train_timesteps: int, fail) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .models.wan import WanModel
+from .schedule import shifted
 
 
 def euler_sigmas(num_steps: int, shift: float, include: Sequence[float] = ()) -> list[float]:
@@ -19,7 +20,7 @@ def euler_sigmas(num_steps: int, shift: float, include: Sequence[float] = ()) ->
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     s = [1 - i / num_steps for i in range(num_steps + 1)]
-    sigmas = [shift * v / (1 + (shift - 1) * v) for v in s]
+    sigmas = [shifted(v, shift) for v in s]
     for t in include:  # a recorded timestep replaces a grid point within float32 rounding of it, else joins
         sigma = round(float(t) / 1000.0, 9)
         near = [i for i, g in enumerate(sigmas) if abs(g - sigma) < 1e-6]

@@ -21,17 +21,26 @@ from collections.abc import Sequence
 import torch
 
 
+NUM_TRAIN_TIMESTEPS = 1000  # timesteps are floats in [0, 1000]; the grid has this many points
+
+
+def shifted(u, shift: float):
+    """The shift warp of a noise level ``u`` in [0, 1]: ``shift u / (1 + (shift - 1) u)``, for tensors or floats
+    (one formula, one operation order, so the grid, the timestep warp and the sampler agree bit for bit)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 class FlowMatchSchedule:
     """The 1000-point shifted sigma grid and the operations defined on it."""
 
-    def __init__(self, shift: float = 5.0, num_train_timesteps: int = 1000):
+    def __init__(self, shift: float = 5.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         self.shift = float(shift)
         self.num_train_timesteps = int(num_train_timesteps)
         # Same float32 op order as the reference so the grid matches exactly.
         s = torch.linspace(1.0, 0.0, self.num_train_timesteps + 1)[:-1]
-        self.sigmas = self.shift * s / (1 + (self.shift - 1) * s)
+        self.sigmas = shifted(s, self.shift)
         self.timesteps = self.sigmas * self.num_train_timesteps
         self._on_device: dict = {}  # (name, device, dtype) -> grid copy: no host-to-device copy per call
 
@@ -105,10 +114,9 @@ class FlowMatchSchedule:
         return ((x_t.double() - x0.double()) / sigma).to(x0.dtype)
 
 
-def shift_timestep(t: torch.Tensor, shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Map timesteps through the shift warp ``T * shift u / (1 + (shift - 1) u)``, ``u = t / T`` (float32)."""
-    u = t / num_train_timesteps
-    return shift * u / (1 + (shift - 1) * u) * num_train_timesteps
+def shift_timestep(t: torch.Tensor, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """Map timesteps through the shift warp: ``T * shifted(t / T)`` (float32)."""
+    return shifted(t / num_train_timesteps, shift) * num_train_timesteps
 
 
 def sample_training_timesteps(
@@ -117,7 +125,7 @@ def sample_training_timesteps(
     shift: float = 5.0,
     min_t: float = 20.0,
     max_t: float = 980.0,
-    num_train_timesteps: int = 1000,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:

@@ -62,6 +62,7 @@ from reward_forcing.models.text_encoder import TextEncoder, build_tiny_tokenizer
 from reward_forcing.models.vae import WAN21_VAE_ARCH, WanVAE  # noqa: E402
 from reward_forcing.models.wan import WanConfig, WanModel, init_random_  # noqa: E402
 from reward_forcing.pipeline import StreamingPipeline  # noqa: E402
+from reward_forcing.streaming import StreamSettings  # noqa: E402
 
 SCHEMA = "reward-forcing-benchmark/1"
 GB = 1e9  # memory figures are in GB = 10^9 bytes
@@ -701,10 +702,11 @@ def run_benchmark(args) -> dict:
         raise BenchmarkError(f"--text_encoder {args.text_encoder} gives {text_encoder.dim}-dim embeddings but the "
                              f"{args.flavor} DiT takes {text_dim}: use tiny with the tiny flavor, umt5-xxl otherwise")
     schedule = args.cfg.schedule
-    pipe = StreamingPipeline(generator, text_encoder, vae, denoising_steps=schedule.denoising_step_list,
-                             warp=schedule.warp_denoising_step, timestep_shift=schedule.timestep_shift,
-                             context_noise=schedule.context_noise, offload_text_encoder=args.offload_text_encoder,
-                             height=args.height, width=args.width)
+    pipe = StreamingPipeline(generator, text_encoder, vae, StreamSettings(
+        denoising_steps=tuple(schedule.denoising_step_list), warp=schedule.warp_denoising_step,
+        timestep_shift=schedule.timestep_shift, context_noise=schedule.context_noise,
+        context_pass=schedule.context_pass, offload_text_encoder=args.offload_text_encoder, height=args.height,
+        width=args.width))
     weights = {"generator": _param_bytes(generator) / GB, "vae": _param_bytes(vae) / GB,
                "text_encoder": _param_bytes(text_encoder) / GB}
     clock = Clock(device)
@@ -762,7 +764,8 @@ def run_benchmark(args) -> dict:
         "offload_ms": None if offload_s is None else 1e3 * offload_s,
         "peak_mem_kind": memory.kind,
         "weights_gb": weights,
-        "kv_cache_gb": pipe.cache.nbytes / GB if pipe.cache is not None else None,
+        "kv_cache_gb": pipe.generator.new_kv_cache(1, *pipe.latent_size(args.height, args.width),
+                                                   max_frames=args.num_frames, device="meta").nbytes / GB,
     }
     return rec
 

@@ -13,7 +13,7 @@ PACKAGE = REPO_ROOT / "reward_forcing"
 # Lower numbers sit lower. A module may import modules of strictly lower layers; same-layer imports are allowed
 # only inside one of the SUBPACKAGES below (e.g. training/ importing its own files).
 LAYERS = {
-    "reward_forcing": 8,  # the package's __init__ (metadata only)
+    "reward_forcing": 9,  # the package's __init__ (metadata only)
     "reward_forcing.models.attention": 0,
     "reward_forcing.models.kv_cache": 0,
     "reward_forcing.file_io": 0,  # torch / stdlib only: reading weights, strict loading, atomic writes
@@ -23,21 +23,22 @@ LAYERS = {
     "reward_forcing.compile": 2,
     "reward_forcing.denoising": 2,  # the one block loop
     "reward_forcing.sampling": 2,  # the teacher's Euler + CFG sampler (ODE pairs, toy evaluation)
-    "reward_forcing.interactive.session": 3,  # the block loop with state; stream() is a loop over it
-    "reward_forcing.interactive.events": 3,
-    "reward_forcing.pipeline": 4,
-    "reward_forcing.config": 5,
-    "reward_forcing.checkpoints": 5,
-    "reward_forcing.data": 5,
-    "reward_forcing.video_io": 5,
-    "reward_forcing.build": 6,
-    "reward_forcing.training": 7,
-    "reward_forcing.evaluation": 7,
-    "reward_forcing.interactive": 7,  # its __init__ and start media
-    "reward_forcing.toy.evaluate": 7,  # toy-world evaluation through the pipeline and the teacher sampler
-    "reward_forcing.toy.report": 7,
-    "reward_forcing.toy.studies": 7,  # live features measured in the toy world (switches, start media, levers)
-    "reward_forcing.serve": 8,
+    "reward_forcing.streaming": 3,  # what a stream runs on: models, block loop, settings (StreamingModels)
+    "reward_forcing.interactive.session": 4,  # the block loop with state; stream() is a loop over it
+    "reward_forcing.interactive.events": 4,
+    "reward_forcing.pipeline": 5,
+    "reward_forcing.config": 6,
+    "reward_forcing.checkpoints": 6,
+    "reward_forcing.data": 6,
+    "reward_forcing.video_io": 6,
+    "reward_forcing.build": 7,
+    "reward_forcing.training": 8,
+    "reward_forcing.evaluation": 8,
+    "reward_forcing.interactive": 8,  # its __init__ and start media
+    "reward_forcing.toy.evaluate": 8,  # toy-world evaluation through the pipeline and the teacher sampler
+    "reward_forcing.toy.report": 8,
+    "reward_forcing.toy.studies": 8,  # live features measured in the toy world (switches, start media, levers)
+    "reward_forcing.serve": 9,
 }
 SUBPACKAGES = ("reward_forcing.training", "reward_forcing.evaluation", "reward_forcing.models.video_reward",
                "reward_forcing.interactive", "reward_forcing.serve", "reward_forcing.toy")
@@ -163,3 +164,27 @@ def test_the_checker_catches_a_forbidden_import(tmp_path, monkeypatch):
                         Path.read_bytes(self).decode())
     with pytest.raises(AssertionError, match="imports reward_forcing.pipeline"):
         test_imports_point_down(fake)
+
+
+def test_the_session_reads_only_what_streaming_models_define():
+    """What an import test cannot see: the session uses its models object only through StreamingModels' own
+    attributes (the layer below it), never through pipeline internals. Other objects handed across layers are
+    typed with the lower layer's class the same way; this checks the one that used to be duck-typed."""
+    from reward_forcing.streaming import StreamingModels
+
+    tree = ast.parse((PACKAGE / "interactive" / "session.py").read_text())
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            base = node.value
+            if (isinstance(base, ast.Name) and base.id == "models") or (
+                    isinstance(base, ast.Attribute) and base.attr == "models" and isinstance(base.value, ast.Name)
+                    and base.value.id == "self"):
+                used.add(node.attr)
+    init = ast.parse((PACKAGE / "streaming.py").read_text())
+    assigned = {t.attr for n in ast.walk(init) if isinstance(n, ast.Assign) for t in n.targets
+                if isinstance(t, ast.Attribute)} | {e.attr for n in ast.walk(init) if isinstance(n, ast.Assign)
+                                                    for t in n.targets if isinstance(t, ast.Tuple) for e in t.elts
+                                                    if isinstance(e, ast.Attribute)}
+    defined = {name for name in dir(StreamingModels) if not name.startswith("__")} | assigned
+    assert used and used <= defined, f"the session reads {sorted(used - defined)}, which StreamingModels lacks"

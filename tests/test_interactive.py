@@ -10,6 +10,7 @@ import torch
 from reward_forcing.build import build_pipeline
 from reward_forcing.config import load_config
 from reward_forcing.pipeline import StreamingPipeline
+from reward_forcing.streaming import StreamSettings
 from reward_forcing.interactive import (Reset, Session, SetPrompt, SetSeed, SetSinkAlpha, fit_frames, load_timeline,
                                         read_image, read_video_frames)
 from reward_forcing.video_io import Mp4Writer
@@ -125,7 +126,7 @@ def test_cross_changes_only_cross_attention(warm):
     before = _snapshot(warm.cache)
     text_before = warm._text_for_block().layer_kv[0][0].clone()
     warm.set_prompt("a blue boat", policy="cross")
-    warm.apply_due_events()
+    warm._apply_due_events()
     assert torch.equal(warm.cache.k, before[0]) and torch.equal(warm.cache.v, before[1])
     assert warm.cache.slot_frame == before[2] and warm.cache.end_frame == before[3]
     assert not torch.equal(warm._text_for_block().layer_kv[0][0], text_before)
@@ -135,7 +136,7 @@ def test_recache_rewrites_the_window_and_keeps_the_sink(warm):
     cache = warm.cache
     before = _snapshot(cache)
     warm.set_prompt("a blue boat", policy="recache")
-    warm.apply_due_events()
+    warm._apply_due_events()
     assert cache.slot_frame == before[2] and cache.end_frame == before[3] and cache.num_sink_updates == 1
     assert all(_slots_equal(cache, before, s) for s in range(cache.sink))  # sink untouched
     assert not any(_slots_equal(cache, before, s) for s in range(cache.sink, cache.capacity))  # every window slot
@@ -156,7 +157,7 @@ def test_recache_under_the_same_prompt_equals_a_context_pass_over_the_window(pip
     manual.reopen(6)
     pipe.denoiser.context_pass(clean, warm._text_for_block(), manual, 6)
     warm.set_prompt("a red car", policy="recache")
-    warm.apply_due_events()
+    warm._apply_due_events()
     assert torch.equal(manual.k, cache.k) and torch.equal(manual.v, cache.v)
 
 
@@ -177,7 +178,7 @@ def test_recache_sink_reseeds_the_sink_from_the_window(warm):
     before = _snapshot(cache)
     window_latents = [warm._latents[a] for a in range(6, 12)]
     warm.set_prompt("a blue boat", policy="recache_sink")
-    warm.apply_due_events()
+    warm._apply_due_events()
     assert cache.slot_frame == list(range(6)) and cache.end_frame == 6 and cache.num_sink_updates == 0
     assert not any(_slots_equal(cache, before, s) for s in range(6))  # sink re-seeded, window re-encoded
     assert all(torch.equal(warm._latents[i], window_latents[i]) for i in range(6))  # renumbered 0..5
@@ -191,10 +192,10 @@ def test_recache_on_the_first_block_leaves_the_sink_alone(pipe):
     session.next_block()
     before = _snapshot(session.cache)
     session.set_prompt("a blue boat", policy="recache")
-    session.apply_due_events()
+    session._apply_due_events()
     assert torch.equal(session.cache.k, before[0])
     session.set_prompt("a green tree", policy="recache_sink")
-    session.apply_due_events()
+    session._apply_due_events()
     assert session.cache.slot_frame == [0, 1, 2] and not _slots_equal(session.cache, before, 0)
 
 
@@ -202,9 +203,9 @@ def test_reset_policy_starts_a_new_video(warm):
     epoch = warm.epoch
     warm.set_prompt("a blue boat", policy="reset")
     warm.set_seed(5)
-    warm.apply_due_events()
+    warm._apply_due_events()
     assert warm.cache.slot_frame == [] and warm.cache.end_frame == 0 and warm.epoch == epoch + 1
-    fresh = Session(warm.pipe, "a blue boat", seed=5, decode=False)  # nothing of the old video leaks
+    fresh = Session(warm.models, "a blue boat", seed=5, decode=False)  # nothing of the old video leaks
     assert all(torch.equal(a.latents, b.latents) for a, b in zip(warm.blocks(2), fresh.blocks(2)))
 
 
@@ -233,7 +234,7 @@ def test_sink_alpha_is_live(warm):
 
 
 def test_memory_is_flat_over_1000_blocks(pipe):
-    one_step = StreamingPipeline(pipe.generator, pipe.text_encoder, None, denoising_steps=[1000.0])  # 2 forwards
+    one_step = StreamingPipeline(pipe.generator, pipe.text_encoder, None, StreamSettings(denoising_steps=(1000.0,)))  # 2 forwards
     session = Session(one_step, "a fox", seed=0, height=16, width=16, decode=False)
 
     def live_tensor_bytes():

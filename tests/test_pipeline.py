@@ -7,6 +7,7 @@ from reward_forcing.config import load_config
 from reward_forcing.models.wan import WanModel, init_random_
 from reward_forcing.interactive import Session
 from reward_forcing.pipeline import StreamingPipeline, cpu_gaussian
+from reward_forcing.streaming import StreamSettings
 from conftest import PARITY_ATOL, REPO_ROOT
 
 
@@ -40,7 +41,7 @@ def test_stream_yields_blocks_and_equals_generate(tiny_pipe):
 def test_stream_is_a_loop_over_a_session(tiny_pipe, monkeypatch):
     """stream() equals a Session given the seed's noise in stream()'s draw order (all initial noise first, then
     the re-noising draws from the same generator), block for block and bit for bit, batch of 2; the benchmark's
-    phase marks fire in the same order; and stream() drives one session's next_block on the pipeline's cache."""
+    phase marks fire in the same order; and stream() drives one session's next_block."""
     size = dict(height=48, width=80)
     context = tiny_pipe.encode_prompts(["a fox in the snow", "a red car"])
     phases = []
@@ -65,7 +66,7 @@ def test_stream_is_a_loop_over_a_session(tiny_pipe, monkeypatch):
     next_block = Session.next_block
     monkeypatch.setattr(Session, "next_block", lambda self: driven.append(self) or next_block(self))
     latents = torch.cat([c.latents for c in tiny_pipe.stream(context=context, num_frames=6, seed=3, **size)], 1)
-    assert len(driven) == 2 and driven[0] is driven[1] and driven[0].cache is tiny_pipe.cache
+    assert len(driven) == 2 and driven[0] is driven[1]
     assert torch.equal(latents, torch.cat([b.latents for b in blocks], 1))
 
 
@@ -130,7 +131,7 @@ def test_without_the_context_pass_the_cache_keeps_the_last_step():
     try:
         for context_pass in (True, False):
             calls.clear()
-            pipe = StreamingPipeline(model, None, None, context_pass=context_pass)
+            pipe = StreamingPipeline(model, None, None, StreamSettings(context_pass=context_pass))
             _, latents[context_pass] = pipe.generate(context=ctx, num_frames=6, height=32, width=48, noise=noise,
                                                      seed=1, decode=False)
     finally:
@@ -170,31 +171,29 @@ def test_offloaded_text_encoder_visits_the_device_only_to_encode():
     assert moves == [str(pipe.device), "encode", "cpu"]
 
 
-def test_caches_are_allocated_once_per_session(tiny_pipe):
-    kw = dict(num_frames=3, height=48, width=80, decode=False)
-    tiny_pipe.generate("a red car", **kw)
-    kv, text = tiny_pipe.cache.k.data_ptr(), tiny_pipe._text.layer_kv[0][0].data_ptr()
-    tiny_pipe.generate("a blue boat", **kw)
-    assert tiny_pipe.cache.k.data_ptr() == kv and tiny_pipe._text.layer_kv[0][0].data_ptr() == text
+def test_a_session_allocates_its_caches_once(tiny_pipe):
+    """KV cache and cross-attention K/V are the session's own, allocated once and written in place (a prompt switch
+    overwrites the text K/V; nothing is handed to or from the pipeline)."""
+    session = Session(tiny_pipe, "a red car", seed=0, height=48, width=80, decode=False)
+    kv, text = session.cache.k.data_ptr(), session._text.layer_kv[0][0].data_ptr()
+    session.blocks(2)
+    session.set_prompt("a blue boat")
+    session.blocks(2)
+    assert session.cache.k.data_ptr() == kv and session._text.layer_kv[0][0].data_ptr() == text
+    assert not hasattr(tiny_pipe, "cache") and not hasattr(tiny_pipe, "_text")
 
 
-def test_a_new_attention_pattern_gets_a_new_cache(tiny_pipe):
-    """Changing ``generator.causal`` between streams (e.g. another sink policy) must not reuse a cache planned
-    for the old one; the same pattern keeps the cache."""
+def test_a_new_attention_pattern_needs_no_cache_bookkeeping(tiny_pipe):
+    """Changing ``generator.causal`` between streams (e.g. another sink policy) takes effect in the next stream."""
     kw = dict(num_frames=15, height=48, width=80, decode=False)  # 5 blocks: frames leave the 9-frame window
     original = tiny_pipe.generator.causal
     try:
         _, ema = tiny_pipe.generate("a red car", **kw)
-        first = tiny_pipe.cache
         tiny_pipe.generator.causal = original.with_policy("none")
         _, none = tiny_pipe.generate("a red car", **kw)
-        assert tiny_pipe.cache is not first and tiny_pipe.cache.spec.sink_policy == "none"
-        fresh = type(tiny_pipe)(tiny_pipe.generator, tiny_pipe.text_encoder, tiny_pipe.vae, height=48, width=80,
-                                denoising_steps=[1000.0, 750.0, 500.0, 250.0])
+        fresh = type(tiny_pipe)(tiny_pipe.generator, tiny_pipe.text_encoder, tiny_pipe.vae,
+                                StreamSettings(height=48, width=80))
         _, expected = fresh.generate("a red car", **kw)  # a pipeline that never saw the ema pattern
         assert torch.equal(none, expected) and not torch.equal(none, ema)
-        second = tiny_pipe.cache
-        tiny_pipe.generate("a blue boat", **kw)
-        assert tiny_pipe.cache is second
     finally:
         tiny_pipe.generator.causal = original

@@ -115,8 +115,12 @@ def test_toy_configs_build_the_toy_parts():
         assert load_config(TOY / f"{name}.yaml").training.mode == mode
     with pytest.raises(ConfigError, match="training.mode: 'distill' is not one of"):
         load_config(TOY / "dmd.yaml", ["training.mode=distill"])
-    with pytest.raises(ConfigError, match="height x width 12x8 must be positive multiples of 16"):
-        load_config(REPO_ROOT / "configs" / "tiny.yaml", ["video.height=12", "video.width=8"])
+    with pytest.raises(ValueError, match="height x width 12x8 must be positive multiples of 16 .the decoder's stride 8"):
+        build_pipeline(load_config(REPO_ROOT / "configs" / "tiny.yaml", ["video.height=12", "video.width=8"]))
+    assert build_pipeline(load_config(TOY / "dmd.yaml", ["video.height=3", "video.width=5",  # the identity: stride 1
+                                                         "model.random_init=true"])).latent_size(3, 5) == (3, 5)
+    with pytest.raises(ValueError, match="model.vae 'wan3' is not one of .'wan2.1', 'tiny', 'identity'."):
+        build_vae(load_config(TOY / "dmd.yaml", ["model.vae=wan3"]))
 
 
 # -------------------------------------------------------------------------------------------- sampling

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +43,7 @@ import torch
 from ..denoising import NoiseSource, cpu_gaussian, to_device
 from ..models.kv_cache import KVCache
 from ..models.wan import TextContext
+from ..streaming import StreamingModels
 from .events import Event, Reset, SetPrompt, SetSeed, SetSinkAlpha
 
 _TEXT_CACHE_SIZE = 8  # encoded prompts kept (switching back and forth does not re-run the text encoder)
@@ -64,8 +65,9 @@ class SessionBlock:
 class Session:
     """A stateful stream over a ``StreamingPipeline``; see the module docstring.
 
-    The pipeline is used through its models and helpers (``generator``, ``denoiser``, ``vae``, ``encode_prompts``,
-    ``latent_size``, ``phase_hook``, ...); this module does not import it (the pipeline stands on the session).
+    models: a :class:`~reward_forcing.streaming.StreamingModels` (a ``StreamingPipeline`` is one): the generator
+      and its block loop, the text encoder, the decoder, and their helpers. The session owns its KV cache,
+      cross-attention K/V and noise; nothing of it is handed back.
 
     prompt: the first prompt; or ``context``: text-encoder output ``[B, L, text_dim]`` (a batch of B streams).
       Events that carry a prompt encode it once and give it to all B streams.
@@ -85,61 +87,51 @@ class Session:
       frames ``[i f, (i + 1) f)`` (a block past the horizon is an error). Default: drawn per block.
     renoise: optional ``shape -> tensor`` source of the re-noising draws (and of the per-block initial noise when
       ``noise`` is not given), in place of the seed's generator; ``set_seed`` / a reset with a seed replace it.
-    cache: optional KV cache to use (reset here; shaped for the batch and size), e.g. the pipeline's, which it
-      reuses across streams; ``set_sink_alpha`` changes its spec. Default: a new one.
-    text_buffer: optional cross-attention K/V (a ``TextContext`` of the same shape) to overwrite in place rather
-      than allocate, e.g. the pipeline's; :attr:`text_context` is the one in use.
 
-    Phases: through the pipeline's ``phase_hook``, ``"prepare_context"`` fires whenever the cross-attention K/V
+    Phases: through the models' ``phase_hook``, ``"prepare_context"`` fires whenever the cross-attention K/V
     are computed (once here, then at prompt switches and blend steps), and per block ``"steps"``, ``"context"``
     (in the denoiser), ``"decode"`` (when decoding) and ``"block_end"``.
 
-    One session at a time per pipeline's models on one thread: the session owns its KV cache, but the models
-    are shared.
+    Sessions over the same models may be interleaved on one thread (each owns its caches); the models themselves
+    are shared, so not from two threads at once.
     """
 
     @torch.no_grad()
-    def __init__(self, pipe: "StreamingPipeline", prompt: str | None = None, *, context: torch.Tensor | None = None,
+    def __init__(self, models: StreamingModels, prompt: str | None = None, *, context: torch.Tensor | None = None,
                  seed: int = 0, height: int | None = None, width: int | None = None,
                  image: torch.Tensor | None = None, video: torch.Tensor | None = None, events: Iterable[Event] = (),
                  sink_alpha: float | None = None, max_frames: int | None = None, decode: bool = True,
-                 decoder_model=None, noise: torch.Tensor | None = None, renoise: NoiseSource | None = None,
-                 cache: KVCache | None = None, text_buffer: TextContext | None = None):
+                 decoder_model=None, noise: torch.Tensor | None = None, renoise: NoiseSource | None = None):
         if (prompt is None) == (context is None):
             raise ValueError("pass exactly one of prompt or context")
         if image is not None and video is not None:
             raise ValueError("start from an image or from a video, not both")
-        decoder_model = decoder_model if decoder_model is not None else pipe.vae
+        self.models = models
+        decoder_model = decoder_model if decoder_model is not None else models.vae
         if decode and decoder_model is None:
             raise ValueError("this pipeline has no VAE: create the session with decode=False")
-        self.pipe = pipe
-        self.height = pipe.height if height is None else height
-        self.width = pipe.width if width is None else width
-        self.latent_hw = pipe.latent_size(self.height, self.width)
-        generator = pipe.generator
+        self.height = models.height if height is None else height
+        self.width = models.width if width is None else width
+        self.latent_hw = models.latent_size(self.height, self.width)
+        generator = models.generator
         if context is not None:
             if context.dim() != 3:
                 raise ValueError(f"context must be text-encoder output [B, L, text_dim], got {tuple(context.shape)}")
-            context = context.to(device=pipe.device, dtype=pipe.dtype)
+            context = context.to(device=models.device, dtype=models.dtype)
         self.batch = 1 if context is None else context.shape[0]
         if self.batch > 1 and (image is not None or video is not None):
             raise ValueError(f"a start image or video begins one stream, not a batch of {self.batch}: "
                              "pass a context with one row")
-        f, channels = pipe.frames_per_block, generator.config.in_dim
+        f, channels = models.frames_per_block, generator.config.in_dim
         if noise is not None and (noise.dim() != 5 or noise.shape[1] == 0 or noise.shape[1] % f
                                   or (noise.shape[0], *noise.shape[2:]) != (self.batch, channels, *self.latent_hw)):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected [{self.batch}, a multiple of {f}, "
                              f"{channels}, {self.latent_hw[0]}, {self.latent_hw[1]}]")
         self._noise = noise
-        if cache is None:
-            if generator.causal.local_attn_size == -1 and max_frames is None:
-                raise ValueError("this generator attends to every past frame (local_attn_size=-1): pass max_frames")
-            cache = generator.new_kv_cache(self.batch, *self.latent_hw, max_frames=max_frames)
-        elif cache.batch_size != self.batch or cache.frame_tokens != generator.tokens_per_frame(*self.latent_hw):
-            raise ValueError(f"the cache holds {cache.batch_size} stream(s) of {cache.frame_tokens} tokens per frame; "
-                             f"this session needs {self.batch} of "
-                             f"{generator.tokens_per_frame(*self.latent_hw)}")
-        self.cache: KVCache = cache
+        if generator.causal.local_attn_size == -1 and max_frames is None:
+            raise ValueError("this generator attends to every past frame (local_attn_size=-1): pass max_frames")
+        self.cache: KVCache = generator.new_kv_cache(self.batch, *self.latent_hw, max_frames=max_frames)
+        cache = self.cache
         self.sink_alpha = cache.spec.ema_alpha
         if sink_alpha is not None:
             self._set_alpha(sink_alpha)
@@ -156,7 +148,7 @@ class Session:
         self.prompt = prompt
         self._context = self._encode(prompt) if context is None else context  # in effect [B, L, text_dim]
         self._blend: tuple[torch.Tensor, torch.Tensor, int, int] | None = None  # (from, to, first block, N)
-        self._text: TextContext | None = text_buffer  # cross-attention K/V, written in place per prompt
+        self._text: TextContext | None = None  # cross-attention K/V, written in place per prompt
         self._text_dirty = True
         self._latents: dict[int, torch.Tensor] = {}  # clean latents [B, 1, C, h, w] of the frames in the cache
         self._frame = 0  # next cache frame index (restarts with the cache)
@@ -165,13 +157,8 @@ class Session:
             self._write_video(video)
         self._text_for_block()  # the first prompt's cross-attention K/V, ready before the first block
 
-    @property
-    def text_context(self) -> TextContext:
-        """The cross-attention K/V in use (overwritten in place at prompt switches)."""
-        return self._text
-
     # ----------------------------------------------------------------------------------- live actions
-    def schedule(self, event: Event) -> None:
+    def add_event(self, event: Event) -> None:
         """Apply ``event`` before block ``event.block`` (or before the next block, if that one has passed)."""
         self._pending.append(event)
         self._pending.sort(key=lambda e: e.block)  # stable: same-block events keep their order
@@ -179,41 +166,41 @@ class Session:
     def set_prompt(self, text: str, policy: str = "cross", blend_blocks: int = 0) -> SetPrompt:
         """Switch prompt before the next block, with a switch policy and an optional blend over N blocks."""
         event = SetPrompt(self.block, text, policy, blend_blocks)
-        self.schedule(event)
+        self.add_event(event)
         return event
 
     def set_seed(self, seed: int) -> SetSeed:
         event = SetSeed(self.block, seed)
-        self.schedule(event)
+        self.add_event(event)
         return event
 
     def reset(self, prompt: str | None = None, seed: int | None = None, image: torch.Tensor | None = None) -> Reset:
         """Start a new video before the next block (optionally with a new prompt, seed or start image)."""
         event = Reset(self.block, prompt, seed, image)
-        self.schedule(event)
+        self.add_event(event)
         return event
 
     def set_sink_alpha(self, alpha: float) -> SetSinkAlpha:
         event = SetSinkAlpha(self.block, alpha)
-        self.schedule(event)
+        self.add_event(event)
         return event
 
     # ----------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def next_block(self) -> SessionBlock:
         """Apply the events due, then denoise, cache and decode one block."""
-        pipe, f = self.pipe, self.pipe.frames_per_block
+        models, f = self.models, self.models.frames_per_block
         if self._noise is not None and (self.block + 1) * f > self._noise.shape[1]:
             raise ValueError(f"the session's noise covers {self._noise.shape[1] // f} blocks; block {self.block} "
                              "has none (pass a longer noise=, or none to draw per block)")
-        applied = self.apply_due_events()
+        applied = self._apply_due_events()
         text = self._text_for_block()
         if self._noise is not None:
             noise = self._noise[:, self.block * f:(self.block + 1) * f]
         else:
-            noise = self._draw((self.batch, f, pipe.generator.config.in_dim, *self.latent_hw))
-        x = to_device(noise, pipe.device, pipe.dtype)
-        latents = pipe.denoiser.denoise_block(x, text, self.cache, self._frame, self._draw)
+            noise = self._draw((self.batch, f, models.generator.config.in_dim, *self.latent_hw))
+        x = to_device(noise, models.device, models.dtype)
+        latents = models.denoiser.denoise_block(x, text, self.cache, self._frame, self._draw)
         self._keep(latents, self._frame)
         self._frame += f
         frames = None
@@ -226,16 +213,12 @@ class Session:
         self.epoch_block += 1
         return out
 
-    def __iter__(self) -> Iterator[SessionBlock]:
-        while True:
-            yield self.next_block()
-
     def blocks(self, n: int) -> list[SessionBlock]:
         return [self.next_block() for _ in range(n)]
 
     # ----------------------------------------------------------------------------------- internals
     @torch.no_grad()
-    def apply_due_events(self) -> list[Event]:
+    def _apply_due_events(self) -> list[Event]:
         """Apply the events due before the next block (``next_block`` starts with this); returns them."""
         applied = []
         while self._pending and self._pending[0].block <= self.block:
@@ -259,15 +242,14 @@ class Session:
         return applied
 
     def _phase(self, name: str) -> None:
-        if self.pipe.phase_hook is not None:
-            self.pipe.phase_hook(name)
+        self.models.phase(name)
 
     def _encode(self, text: str) -> torch.Tensor:
         """Text-encoder output of ``text`` for every stream of the batch ``[B, L, text_dim]``."""
         if text in self._encoded:
             self._encoded.move_to_end(text)
         else:
-            self._encoded[text] = self.pipe.encode_prompts([text])
+            self._encoded[text] = self.models.encode_prompts([text])
             if len(self._encoded) > _TEXT_CACHE_SIZE:
                 self._encoded.popitem(last=False)
         context = self._encoded[text]
@@ -287,7 +269,7 @@ class Session:
             self._text_dirty = True
         if self._text_dirty:
             self._phase("prepare_context")
-            self._text = self.pipe.generator.prepare_context(self._context, out=self._text)
+            self._text = self.models.generator.prepare_context(self._context, out=self._text)
             self._text_dirty = False
         return self._text
 
@@ -343,7 +325,7 @@ class Session:
         """One context pass writing clean latents (or the kept latents of ``frames``) at cache frames ``start,
         start + 1, ...``: one forward at t = 0 that overwrites their keys/values."""
         clean = frames if isinstance(frames, torch.Tensor) else torch.cat([self._latents[a] for a in frames], 1)
-        self.pipe.denoiser.context_pass(clean, text, self.cache, start, self._draw)
+        self.models.denoiser.context_pass(clean, text, self.cache, start, self._draw)
         self._keep(clean, start)
 
     def _new_video(self, image: torch.Tensor | None = None) -> None:
@@ -360,8 +342,8 @@ class Session:
             if image.dim() != 3 or tuple(image.shape) != (3, self.height, self.width):
                 raise ValueError(f"start image must be pixels [3, {self.height}, {self.width}], "
                                  f"got {tuple(image.shape)}")
-            frames = self.pipe.vae.video_frames(self.pipe.frames_per_block)  # 9 pixel frames -> one block
-            self._write_latents(self.pipe.vae.encode(image[None, None].expand(1, frames, -1, -1, -1)))
+            frames = self.models.vae.video_frames(self.models.frames_per_block)  # 9 pixel frames -> one block
+            self._write_latents(self.models.vae.encode(image[None, None].expand(1, frames, -1, -1, -1)))
 
     def _write_video(self, video: torch.Tensor) -> None:
         """Continue ``video [T, 3, H, W]``: the cache is filled as if the model had generated it.
@@ -373,9 +355,9 @@ class Session:
         """
         if video.dim() != 4 or tuple(video.shape[1:]) != (3, self.height, self.width):
             raise ValueError(f"video must be pixels [T, 3, {self.height}, {self.width}], got {tuple(video.shape)}")
-        stride = self.pipe.vae.temporal_stride
+        stride = self.models.vae.temporal_stride
         usable = 1 + (video.shape[0] - 1) // stride * stride
-        latents = self.pipe.vae.encode(video[-usable:][None])
+        latents = self.models.vae.encode(video[-usable:][None])
         cache = self.cache
         if cache.wraps and latents.shape[1] > cache.capacity:
             latents = torch.cat([latents[:, :cache.sink], latents[:, -(cache.capacity - cache.sink):]], dim=1)
@@ -384,12 +366,12 @@ class Session:
     def _write_latents(self, latents: torch.Tensor) -> None:
         """Write clean latents ``[1, F, C, h, w]`` into the empty cache block by block (block-causal, exactly
         as generation writes them) under the current prompt, and prime the VAE decoder on the last block."""
-        f = self.pipe.frames_per_block
-        latents = latents.to(self.pipe.device, self.pipe.dtype)
+        f = self.models.frames_per_block
+        latents = latents.to(self.models.device, self.models.dtype)
         text = self._text_for_block()
         for start in range(0, latents.shape[1], f):
             block = latents[:, start:start + f]
-            self.pipe.denoiser.context_pass(block, text, self.cache, start, self._draw)
+            self.models.denoiser.context_pass(block, text, self.cache, start, self._draw)
             self._keep(block, start)
         self._frame = latents.shape[1]
         if self.decoder is not None:  # continuity: the decoder's causal state ends on the start media

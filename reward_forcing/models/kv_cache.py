@@ -20,8 +20,8 @@ queries get the last positions. This equals the reference's "keys 0..n-1 in buff
 The bookkeeping (:class:`CacheWindow`) is shared with the block-causal mode: :func:`block_causal_plan`
 replays it over a whole sequence, so both modes attend by the same rules.
 
-Sink policies (``CausalSpec.sink_policy``)
-------------------------------------------
+Sink policies (``CausalSpec.sink_policy``, the ``SINK_POLICIES`` registry of :class:`SinkPolicy` classes)
+-------------------------------------------------------------------------------------------------------
 * ``none``: no sink; a plain sliding window of ``local_attn_size`` frames (``sink_size`` is ignored).
 * ``static``: the first ``sink_size`` frames are kept verbatim; evicted frames are dropped. This is also what
   the reference *trains* with (its training cache never evicts, so its sink is never updated).
@@ -67,11 +67,48 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 
 
-SINK_POLICIES = ("none", "static", "ema")
+class SinkPolicy(Protocol):
+    """What a sink does: whether the first ``sink_size`` frames are kept, and how a frame evicted from the window
+    is folded into them. A new policy is a class with these three members and a line in ``SINK_POLICIES``."""
+
+    keeps_sink: bool  # False: a plain sliding window (sink_size is ignored)
+    folds: bool  # whether evicted frames are folded into the sink (then fold() is called per frame and buffer)
+
+    def fold(self, sink: torch.Tensor, evicted: torch.Tensor, alpha: float) -> None:
+        """Fold one evicted frame's keys or values ``evicted`` into its sink frame ``sink``, in place."""
+
+
+class NoSink:
+    keeps_sink, folds = False, False
+
+    def fold(self, sink, evicted, alpha) -> None:
+        pass
+
+
+class StaticSink:
+    """The first frames verbatim; evicted frames are dropped (what the reference trains with)."""
+
+    keeps_sink, folds = True, False
+
+    def fold(self, sink, evicted, alpha) -> None:
+        pass
+
+
+class EmaSink:
+    """``sink <- alpha * sink + (1 - alpha) * evicted`` (the EMA-Sink)."""
+
+    keeps_sink, folds = True, True
+
+    def fold(self, sink: torch.Tensor, evicted: torch.Tensor, alpha: float) -> None:
+        sink.copy_(alpha * sink + (1 - alpha) * evicted)
+
+
+SINK_POLICIES: dict[str, SinkPolicy] = {"none": NoSink(), "static": StaticSink(), "ema": EmaSink()}
 
 
 @dataclass(frozen=True)
@@ -92,7 +129,7 @@ class CausalSpec:
         if self.frames_per_block < 1:
             raise ValueError(f"frames_per_block must be >= 1, got {self.frames_per_block}")
         if self.sink_policy not in SINK_POLICIES:
-            raise ValueError(f"sink_policy {self.sink_policy!r} is not one of {SINK_POLICIES}")
+            raise ValueError(f"sink_policy {self.sink_policy!r} is not one of {tuple(SINK_POLICIES)}")
         if self.sink_size < 0:
             raise ValueError(f"sink_size must be >= 0, got {self.sink_size}")
         if not 0.0 <= self.ema_alpha <= 1.0:
@@ -107,7 +144,11 @@ class CausalSpec:
     @property
     def sink_frames(self) -> int:
         """Frames actually kept as sink (0 for the ``none`` policy)."""
-        return 0 if self.sink_policy == "none" else self.sink_size
+        return self.sink_size if self.policy.keeps_sink else 0
+
+    @property
+    def policy(self) -> SinkPolicy:
+        return SINK_POLICIES[self.sink_policy]
 
     def with_policy(self, sink_policy: str) -> "CausalSpec":
         return replace(self, sink_policy=sink_policy)
@@ -351,7 +392,7 @@ class KVCache(CacheWindow):
         :meth:`rotate_past` before the layers.
         """
         step = super().begin(start_frame, num_frames)
-        if step.evicted_frames and self.spec.sink_policy == "ema" and self.sink > 0:
+        if step.evicted_frames and self.spec.policy.folds and self.sink > 0:
             self._fold_into_sink(step.evicted_frames)
         step.snapshot = torch.is_grad_enabled()
         step.chunk_index = self._token_index(step.chunk_slots)
@@ -379,12 +420,11 @@ class KVCache(CacheWindow):
     def _fold_into_sink(self, evicted: list[int]) -> None:
         """EMA-fold evicted frames - still in their slots: the new chunk is not written yet - into the sink,
         oldest first."""
-        alpha = self.spec.ema_alpha
+        alpha, policy = self.spec.ema_alpha, self.spec.policy
         for frame in evicted:
             slot, sink_slot = self._slot(frame), (frame - self.sink) % self.sink
             for buf in (self.k, self.v):
-                sink, old = buf[:, :, self._tokens(sink_slot)], buf[:, :, self._tokens(slot)]
-                sink.copy_(alpha * sink + (1 - alpha) * old)
+                policy.fold(buf[:, :, self._tokens(sink_slot)], buf[:, :, self._tokens(slot)], alpha)
         self.num_sink_updates += 1
 
     @torch.no_grad()

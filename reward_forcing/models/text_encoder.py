@@ -12,6 +12,8 @@ through its text MLP and attends to them, so the padding length (512, not diffus
 """
 from __future__ import annotations
 
+import math
+
 import html
 import os
 import re
@@ -209,6 +211,25 @@ class TextEncoder(torch.nn.Module):
             torch.manual_seed(seed)
             encoder = UMT5EncoderModel(config)
         return cls(encoder, build_tiny_tokenizer(text_len), text_len=text_len)
+
+    @classmethod
+    @torch.no_grad()
+    def random(cls, config: UMT5Config | None = None, *, seed: int = 0, device="cpu",
+               dtype: torch.dtype = torch.float32) -> "TextEncoder":
+        """A real-size encoder (``umt5_xxl_config()`` by default) with random weights drawn on ``device`` and the
+        character-level tokenizer (the real one ships with the checkpoint; prompts are padded to 512 tokens
+        either way, so the encoder does the same work): for benchmarks, no download."""
+        with torch.device("meta"):
+            encoder = UMT5EncoderModel(config or umt5_xxl_config())
+        encoder = encoder.to(dtype=dtype).to_empty(device=device)
+        encoder.set_input_embeddings(encoder.shared)  # re-tie: to_empty gave the two users separate copies
+        rng = torch.Generator(device=device).manual_seed(seed)
+        for name, p in encoder.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=rng)
+        return cls(encoder, build_tiny_tokenizer())
 
     # ------------------------------------------------------------------ encoding
     @property

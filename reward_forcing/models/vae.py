@@ -50,6 +50,12 @@ TINY_VAE_ARCH = dict(
     temperal_downsample=[False, True, True],
 )
 
+def arch_strides(arch: dict) -> tuple[int, int]:
+    """``(spatial, temporal)`` stride of a Wan VAE architecture (``WAN21_VAE_ARCH``: 8 and 4): pixels per latent
+    pixel, and pixel frames per latent frame after the first."""
+    return 2 ** (len(arch["dim_mult"]) - 1), 2 ** sum(bool(d) for d in arch["temperal_downsample"])
+
+
 def _channel_constants(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Per-channel constants shaped ``[C, 1, 1, 1]`` for broadcasting over a ``[B, C, F, H, W]`` tensor."""
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1, 1)
@@ -88,26 +94,29 @@ class WanVAE(torch.nn.Module):
         return cls.from_original_state_dict(state_dict).to(device=device, dtype=dtype)
 
     @classmethod
-    def tiny(cls, seed: int = 0) -> "WanVAE":
-        """Randomly initialised tiny VAE (``TINY_VAE_ARCH``, ~0.9M params) for tests and the tiny config.
-
-        Uses diffusers' default initialisation under ``seed`` without disturbing the global RNG.
-        """
+    def random(cls, arch: dict = WAN21_VAE_ARCH, seed: int = 0) -> "WanVAE":
+        """A VAE of ``arch`` with diffusers' default initialisation under ``seed`` (the global RNG untouched): the
+        real Wan2.1 architecture (127M parameters, a second or two on a CPU) for benchmarks, or ``TINY_VAE_ARCH``."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoencoderKLWan(**TINY_VAE_ARCH)
+            model = AutoencoderKLWan(**arch)
         return cls(model)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "WanVAE":
+        """Randomly initialised tiny VAE (``TINY_VAE_ARCH``, ~0.9M params) for tests and the tiny config."""
+        return cls.random(TINY_VAE_ARCH, seed)
 
     # ------------------------------------------------------------------ geometry
     @property
     def spatial_stride(self) -> int:
         """Pixels per latent pixel along height and width (8 for Wan2.1)."""
-        return 2 ** (len(self.model.config.dim_mult) - 1)
+        return arch_strides(self.model.config)[0]
 
     @property
     def temporal_stride(self) -> int:
         """Pixel frames per latent frame after the first (4 for Wan2.1)."""
-        return 2 ** sum(bool(d) for d in self.model.config.temperal_downsample)
+        return arch_strides(self.model.config)[1]
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """Latent ``(h, w)`` of a ``height x width`` video; both must be multiples of the spatial stride."""

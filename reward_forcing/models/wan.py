@@ -87,7 +87,7 @@ WAN_FLAVORS = {
     # printed a grid texture on an 8x8 world), three-word prompts. Two heads of 32 channels: the 3-D RoPE gives each
     # spatial axis 5 frequency pairs, of which 1 and 0.16 rad/pixel resolve positions on an 8-pixel frame; 4 heads
     # of 16 gave 2 pairs (1 and 0.01 rad/pixel) and a teacher that drew smeared, split blobs (docs/toy_world.md).
-    "toy": WanConfig(dim=64, ffn_dim=256, num_heads=2, num_layers=3, in_dim=3, out_dim=3, text_dim=32, text_len=3,
+    "toy": WanConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=6, in_dim=3, out_dim=3, text_dim=32, text_len=3,
                      patch_size=(1, 1, 1)),
     "1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
@@ -580,16 +580,24 @@ def init_weights_(model: WanModel) -> WanModel:
 def init_random_(model: WanModel, seed: int = 0) -> WanModel:
     """A non-degenerate random init for tiny test/debug models (the golden files' rules): modulation N(0, .2^2),
     norm weights 1 + N(0, .1^2), biases N(0, .05^2), other weights N(0, 1/fan_in). Unlike the reference init it
-    does not zero the head, so predictions depend on every input."""
-    gen = torch.Generator().manual_seed(seed)
+    does not zero the head, so predictions depend on every input. Values are drawn on each parameter's device
+    (one seeded generator per device), so a real-size model materialised on a GPU is filled there."""
+    rngs: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
+        rng = rngs.get(p.device)
+        if rng is None:
+            rng = rngs[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+
+        def randn() -> torch.Tensor:
+            return torch.randn(p.shape, generator=rng, device=p.device)
+
         if name.endswith("modulation"):
-            values = torch.randn(p.shape, generator=gen) * 0.2
+            values = randn() * 0.2
         elif "norm" in name and name.endswith("weight"):
-            values = 1 + torch.randn(p.shape, generator=gen) * 0.1
+            values = 1 + randn() * 0.1
         elif name.endswith("bias"):
-            values = torch.randn(p.shape, generator=gen) * 0.05
+            values = randn() * 0.05
         else:
-            values = torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel())
+            values = randn() / math.sqrt(p[0].numel())
         p.copy_(values.to(p.dtype))
     return model
