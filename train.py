@@ -22,14 +22,8 @@ from reward_forcing.config import ConfigError, load_config, to_yaml
 from reward_forcing.data import read_prompts
 from reward_forcing.training import parallel
 from reward_forcing.training.build import build_training_models
-from reward_forcing.training.trainer import (
-    CONFIG_FILE,
-    Trainer,
-    TrainingDiverged,
-    previous_run,
-    remove_previous_run,
-    training_budget,
-)
+from reward_forcing.training.run import CONFIG_FILE, previous_run, remove_previous_run, training_budget
+from reward_forcing.training.trainer import Trainer, TrainingDiverged
 
 log = logging.getLogger("train")
 

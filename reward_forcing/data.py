@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-__all__ = ["Prompt", "read_prompts", "read_lines", "shard_for_rank", "PromptSampler"]
+from .file_io import load_torch_file
 
 T = TypeVar("T")
 
@@ -232,7 +232,7 @@ def latent_folder(path: str | os.PathLike) -> LatentVideos:
                                 "{'latents': [F, C, h, w], 'prompt': str}")
 
     def get(paths):
-        loaded = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+        loaded = [load_torch_file(p) for p in paths]
         return torch.stack([item["latents"] for item in loaded]), [item["prompt"] for item in loaded]
 
     return LatentVideos(files, get)
@@ -246,7 +246,7 @@ def ode_pairs(path: str | os.PathLike) -> LatentVideos:
     if not Path(path).is_file():
         raise FileNotFoundError(f"ODE pairs file '{path}' does not exist; write it with "
                                 "scripts/generate_ode_pairs.py (training.ode_pairs_path)")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = load_torch_file(path)
     if not isinstance(data, dict) or any(k not in data for k in ODE_PAIRS_KEYS):
         raise ValueError(f"'{path}' is not an ODE-pairs file: it needs the keys {ODE_PAIRS_KEYS}")
     states, prompts = data["states"], data["prompts"]

@@ -27,7 +27,7 @@ import torch
 
 from .file_io import commit, temp_sibling
 
-__all__ = ["DEFAULT_FPS", "pixels_to_uint8", "upscale_nearest", "Mp4Writer", "read_video", "video_filename", "slugify"]
+__all__ = ["DEFAULT_FPS", "pixels_to_uint8", "upscale_nearest", "Mp4Writer", "read_video", "VideoReadError", "video_filename", "slugify"]
 
 DEFAULT_FPS = 16  # Wan2.1 / Reward Forcing output rate
 _SLUG_MAX = 50
@@ -236,20 +236,37 @@ def _interrupts_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+class VideoReadError(ValueError):
+    """A video file that cannot be read; ``str()`` is one line naming the file and the reason."""
+
+
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
-    """Read a video file into uint8 frames ``[N, H, W, 3]`` and its frame rate (for tests/tools)."""
+    """A whole video file as uint8 RGB frames ``[N, H, W, 3]`` and its frame rate: the one checked reader (start
+    videos, the evaluation kit, tests). Anything unreadable - missing, empty, undecodable, frameless, no frame
+    rate - raises :class:`VideoReadError` with one line naming the file."""
     import imageio.v2 as imageio
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"video '{path}' does not exist")
-    reader = imageio.get_reader(str(path), format="FFMPEG")
+        raise VideoReadError(f"video '{path}' does not exist")
+    if path.stat().st_size == 0:
+        raise VideoReadError(f"video '{path}' is empty (0 bytes)")
     try:
-        fps = float(reader.get_meta_data()["fps"])
-        frames = np.stack([np.asarray(f) for f in reader])
-    finally:
-        reader.close()
-    return frames, fps
+        reader = imageio.get_reader(str(path), format="FFMPEG")
+        try:
+            fps = reader.get_meta_data().get("fps")
+            frames = np.stack([np.asarray(f) for f in reader])
+        finally:
+            reader.close()
+    except Exception as err:  # imageio / ffmpeg raise OSError, RuntimeError, IndexError, ... for a bad file
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise VideoReadError(f"video '{path}' could not be decoded: {lines[-1] if lines else type(err).__name__}"
+                             ) from None
+    if frames.ndim != 4 or frames.shape[0] == 0:
+        raise VideoReadError(f"video '{path}' has no frames")
+    if not fps or not np.isfinite(fps) or fps <= 0:
+        raise VideoReadError(f"video '{path}' has no usable frame rate ({fps!r})")
+    return frames, float(fps)
 
 
 def slugify(text: str, max_len: int = _SLUG_MAX) -> str:

@@ -17,6 +17,7 @@ LAYERS = {
     "reward_forcing.models.attention": 0,
     "reward_forcing.models.kv_cache": 0,
     "reward_forcing.file_io": 0,  # torch / stdlib only: reading weights, strict loading, atomic writes
+    "reward_forcing.interfaces": 0,  # the pluggable parts as typing.Protocols, and the Registry
     "reward_forcing.models": 1,  # every other model: tensors, own config dataclasses, file paths
     "reward_forcing.schedule": 1,
     "reward_forcing.toy": 1,  # the toy world: data, word-table text encoder, motion reward, exact metrics

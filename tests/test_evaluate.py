@@ -16,7 +16,7 @@ from reward_forcing.evaluation.metrics import MetricConfig, score_frames
 from reward_forcing.evaluation.protocol import ProtocolError, block_layout, generation_command, load_protocol
 from reward_forcing.evaluation.report import load_run
 from reward_forcing.evaluation.scorers import ScorerUnavailable, run_vbench, video_reward_scorer
-from reward_forcing.evaluation.videos import describe_videos, load_video, VideoReadError
+from reward_forcing.evaluation.videos import describe_videos, read_video, VideoReadError
 from reward_forcing.video_io import Mp4Writer, video_filename
 from conftest import REPO_ROOT
 
@@ -175,9 +175,9 @@ def test_prompts_from_index_names_file_order_and_vbench_names(tmp_path):
 def test_unreadable_videos_raise_one_line(tmp_path):
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "junk.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
-    for name, reason in (("empty.mp4", "empty (0 bytes)"), ("junk.mp4", "cannot decode")):
+    for name, reason in (("empty.mp4", "empty (0 bytes)"), ("junk.mp4", "could not be decoded")):
         with pytest.raises(VideoReadError) as err:
-            load_video(tmp_path / name)
+            read_video(tmp_path / name)
         assert reason in str(err.value) and "\n" not in str(err.value)
 
 

@@ -12,7 +12,8 @@ from reward_forcing.config import load_config
 from reward_forcing.pipeline import StreamingPipeline
 from reward_forcing.streaming import StreamSettings
 from reward_forcing.interactive import (Reset, Session, SetPrompt, SetSeed, SetSinkAlpha, fit_frames, load_timeline,
-                                        read_image, read_video_frames)
+                                        read_image)
+from reward_forcing.video_io import read_video
 from reward_forcing.video_io import Mp4Writer
 from conftest import REPO_ROOT
 
@@ -304,7 +305,7 @@ def test_unreadable_media_give_one_clear_line(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         read_image(tmp_path / "missing.png")
     with pytest.raises(ValueError, match=r"video '.*x.png' could not be decoded"):
-        read_video_frames(bad)
+        read_video(bad)
 
 
 def test_read_media_round_trip(tmp_path):
@@ -313,7 +314,7 @@ def test_read_media_round_trip(tmp_path):
     assert read_image(tmp_path / "a.png").shape == (10, 12, 3)
     with Mp4Writer(tmp_path / "v.mp4", fps=16) as writer:
         writer.write(np.zeros((5, 48, 80, 3), np.uint8))
-    frames, fps = read_video_frames(tmp_path / "v.mp4")
+    frames, fps = read_video(tmp_path / "v.mp4")
     assert frames.shape == (5, 48, 80, 3) and fps == 16
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reward_forcing.training.losses import (critic_loss, critic_tilt_weights, dmd_gradient, flow_matching_loss,
-                                            re_dmd_loss, reward_weights)
+                                            ode_regression_inputs, ode_regression_loss, re_dmd_loss, reward_weights)
 
 SHAPE = (2, 3, 2, 2, 2)  # [B, F, C, H, W], 24 elements per sample
 
@@ -213,3 +213,30 @@ def test_weighted_critic_loss_hand_computed_and_unweighted_is_bitwise_plain():
     torch.testing.assert_close(critic_loss(*big, torch.ones(SHAPE[0])), flow_matching_loss(*big))
     with pytest.raises(ValueError, match="one per sample"):
         critic_loss(*big, torch.ones(SHAPE[0] + 1))
+
+
+
+# ---------------------------------------------------------------------------------- the ODE init's regression
+def test_ode_regression_inputs_pick_one_state_per_block_and_a_clean_prefix():
+    torch.manual_seed(0)
+    b, s, f = 64, 4, 9
+    states = torch.arange(b * (s + 1) * f, dtype=torch.float32).view(b, s + 1, f, 1, 1, 1).expand(-1, -1, -1, 2, 2, 2)
+    x_t, t, trained = ode_regression_inputs(states, [1000.0, 750.0, 500.0, 250.0], 3, clean_context=True)
+    assert x_t.shape == (b, f, 2, 2, 2) and t.shape == trained.shape == (b, f)
+    index = (x_t[:, :, 0, 0, 0] - states[:, 0, :, 0, 0, 0]) / f  # which state each frame took
+    assert (index.view(b, 3, 3) == index.view(b, 3, 3)[:, :, :1]).all()  # one state per block
+    clean = index == s
+    assert torch.equal(t[clean], torch.zeros(int(clean.sum()))) and torch.equal(trained, (~clean).float())
+    assert not clean[:, -3:].any() and clean.any()  # a prefix, never the last block
+    assert ((clean.float().diff(dim=1)) <= 0).all()  # clean blocks come first
+    _, _, plain = ode_regression_inputs(states, [1000.0, 750.0, 500.0, 250.0], 3, clean_context=False)
+    assert plain.all()
+    with pytest.raises(ValueError, match="hold 4 states per trajectory; the student has 3"):
+        ode_regression_inputs(states, [1000.0, 750.0, 500.0], 3, clean_context=True)
+
+
+def test_ode_regression_loss_is_the_mean_over_trained_frames():
+    pred, target = torch.zeros(2, 3, 1, 2), torch.ones(2, 3, 1, 2)
+    pred[:, 0] = 5.0  # an untrained frame with a big error does not count
+    trained = torch.tensor([[0.0, 1, 1], [0, 1, 1]])
+    assert ode_regression_loss(pred, target, trained).item() == pytest.approx(1.0)

@@ -19,7 +19,8 @@ from reward_forcing.training import parallel
 from reward_forcing.training.build import build_training_models
 from reward_forcing.training import trainer as trainer_module
 from reward_forcing.training.losses import flow_matching_loss
-from reward_forcing.training.trainer import Trainer, lr_factor, training_budget
+from reward_forcing.training.run import lr_factor, training_budget
+from reward_forcing.training.trainer import Trainer
 from conftest import REPO_ROOT
 
 TOY = REPO_ROOT / "configs" / "toy"

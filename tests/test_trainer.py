@@ -17,7 +17,8 @@ from reward_forcing.config import load_config
 from reward_forcing.training import checkpointing, parallel
 from reward_forcing.training import trainer as trainer_module
 from reward_forcing.training.build import build_training_models
-from reward_forcing.training.trainer import Trainer, TrainingDiverged, training_budget
+from reward_forcing.training.run import training_budget
+from reward_forcing.training.trainer import Trainer, TrainingDiverged
 from conftest import REPO_ROOT
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"

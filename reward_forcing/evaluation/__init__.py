@@ -11,7 +11,7 @@ Nothing here imports ``reward_forcing.training``.
 """
 from .metrics import MetricConfig, VideoScores, score_frames
 from .runner import RunResult, ScoringOptions, evaluate_videos
-from .videos import VideoEntry, VideoReadError, describe_videos, list_videos, load_video
+from .videos import VideoEntry, VideoReadError, describe_videos, list_videos, read_video
 
 __all__ = ["MetricConfig", "VideoScores", "score_frames", "ScoringOptions", "RunResult", "evaluate_videos",
-           "VideoEntry", "VideoReadError", "describe_videos", "list_videos", "load_video"]
+           "VideoEntry", "VideoReadError", "describe_videos", "list_videos", "read_video"]

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from .metrics import MetricConfig, _flow_pairs, _frame_features, score_frames, vbench_frame_stride
-from .videos import load_video
+from ..video_io import read_video
 
 __all__ = ["synthetic_video", "run_benchmark"]
 
@@ -54,7 +54,7 @@ def run_benchmark(num_frames: int = 81, height: int = 480, width: int = 832, fps
         timings: dict[str, list[float]] = {"decode_s": [], "frame_pass_s": [], "flow_s": [], "metrics_s": []}
         for _ in range(repeats):
             t0 = time.perf_counter()
-            decoded, read_fps = load_video(path)
+            decoded, read_fps = read_video(path)
             t1 = time.perf_counter()
             feats = _frame_features(decoded, cfg, vbench_frame_stride(read_fps))
             t2 = time.perf_counter()

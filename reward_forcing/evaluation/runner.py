@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .metrics import VIDEO_METRICS, MetricConfig, score_frames
 from .scorers import VIDEO_REWARD_DIMS, ScorerUnavailable, run_vbench, video_reward_scorer
-from .videos import VideoEntry, VideoReadError, encode_png, load_video, thumbnail_strip
+from .videos import VideoEntry, VideoReadError, encode_png, read_video, thumbnail_strip
 
 __all__ = ["ScoringOptions", "RunResult", "evaluate_videos", "summarise", "write_records", "summary_markdown",
            "clean_number", "SUMMARY_ORDER"]
@@ -219,9 +219,9 @@ def evaluate_videos(entries: Sequence[VideoEntry], output_dir: str | os.PathLike
         for entry in tqdm(entries, desc=f"scoring {label}", unit="video", disable=not progress, file=sys.stderr):
             start = time.perf_counter()
             try:
-                frames, fps = load_video(entry.path)
+                frames, fps = read_video(entry.path)
                 scores = score_frames(frames, fps, options.metrics)
-            except (VideoReadError, ValueError) as err:
+            except ValueError as err:  # VideoReadError is one
                 reason = str(err)
                 failures.append((entry.name, reason))
                 _say(f"error: skipping {entry.name}: {reason}")

@@ -21,9 +21,9 @@ import cv2
 import numpy as np
 
 from reward_forcing.data import read_prompts
-from reward_forcing.video_io import read_video
+from reward_forcing.video_io import VideoReadError, read_video
 
-__all__ = ["VideoEntry", "VideoReadError", "list_videos", "parse_video_name", "describe_videos", "load_video",
+__all__ = ["VideoEntry", "VideoReadError", "list_videos", "parse_video_name", "describe_videos", "read_video",
            "thumbnail_strip", "encode_png"]
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4",)
 _OUR_NAME = re.compile(r"^(?P<index>\d{4,})-(?P<slug>.*)-s(?P<sample>\d+)$")
 _VBENCH_NAME = re.compile(r"^(?P<prompt>.+)-(?P<sample>\d+)$")
-
-
-class VideoReadError(Exception):
-    """A video file that cannot be decoded; ``str()`` is one line naming the file and the reason."""
 
 
 @dataclass(frozen=True)
@@ -105,29 +101,6 @@ def describe_videos(paths: list[Path], prompt_file: str | os.PathLike | None = N
         else:
             entries.append(VideoEntry(path, guess, guess, index, sample, "file name"))
     return entries
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
-
-
-def load_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
-    """Decode a whole video once: uint8 ``[N, H, W, 3]`` RGB and its frame rate. Raises VideoReadError."""
-    path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise VideoReadError(f"cannot read '{path}': the file is empty (0 bytes)")
-    try:
-        frames, fps = read_video(path)
-    except FileNotFoundError as err:
-        raise VideoReadError(str(err)) from None
-    except (OSError, RuntimeError, ValueError, IndexError, KeyError) as err:  # imageio/ffmpeg decoding errors
-        raise VideoReadError(f"cannot decode '{path}': {_one_line(err)}") from None
-    if frames.ndim != 4 or frames.shape[0] == 0:
-        raise VideoReadError(f"cannot read '{path}': it has no video frames")
-    if not fps or not np.isfinite(fps) or fps <= 0:
-        raise VideoReadError(f"cannot read '{path}': its frame rate is {fps!r}")
-    return frames, float(fps)
 
 
 def thumbnail_strip(frames: np.ndarray, count: int = 8, height: int = 72) -> np.ndarray:

@@ -6,7 +6,7 @@ the pipeline, which stands on ``interactive.session``, loads none of them.
 from .events import SWITCH_POLICIES, Event, Reset, SetPrompt, SetSeed, SetSinkAlpha, load_timeline
 from .session import Session, SessionBlock
 
-_MEDIA = ("fit_frames", "read_image", "read_video_frames")
+_MEDIA = ("fit_frames", "read_image")
 
 __all__ = ["SWITCH_POLICIES", "Event", "Reset", "SetPrompt", "SetSeed", "SetSinkAlpha", "load_timeline",
            *_MEDIA, "Session", "SessionBlock"]

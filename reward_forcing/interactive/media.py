@@ -58,17 +58,3 @@ def read_image(source: str | os.PathLike | bytes) -> np.ndarray:
         raise ValueError(f"{name} is not a readable image ({type(err).__name__})") from None
 
 
-def read_video_frames(path: str | os.PathLike) -> tuple[np.ndarray, float]:
-    """A video file as uint8 ``[N, H, W, 3]`` and its frame rate; ``ValueError`` if it cannot be decoded."""
-    from ..video_io import read_video
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"video '{path}' does not exist")
-    try:
-        frames, fps = read_video(path)
-    except Exception as err:  # imageio/ffmpeg raise OSError, RuntimeError, IndexError... for a bad file
-        raise ValueError(f"video '{path}' could not be decoded ({type(err).__name__})") from None
-    if frames.ndim != 4 or frames.shape[0] == 0:
-        raise ValueError(f"video '{path}' has no frames")
-    return frames, fps

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from ..file_io import atomic_write, commit, leftover_temps, load_torch_file, normalize_key, temp_sibling
+from ..file_io import atomic_save, commit, leftover_temps, load_torch_file, normalize_key, temp_sibling
 from .parallel import all_ranks_ok, barrier, broadcast_object, get_rank, is_distributed
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,6 @@ def prune_checkpoints(folder: str | os.PathLike, keep_last: int | None) -> list[
 
 
 # ================================================================================== save / load
-def _save(obj: Any, path: Path) -> None:
-    with atomic_write(path) as f:  # creates the parent folder
-        torch.save(obj, f)
-
-
 @contextlib.contextmanager
 def _quiet_single_process_dcp():
     """DCP warns "assuming the intent is to save/load in a single process" even with ``no_dist=True``;
@@ -220,12 +215,12 @@ def save_training_state(
             state["stateful"] = {name: obj.state_dict() for name, obj in stateful.items()}
             with _quiet_single_process_dcp():
                 dcp.save(state, checkpoint_id=str(tmp), no_dist=not is_distributed())
-            _save(_rng_state(), tmp / _RNG_DIR / f"rank_{rank:05d}.pt")
+            atomic_save(_rng_state(), tmp / _RNG_DIR / f"rank_{rank:05d}.pt")
             if main:
                 world = torch.distributed.get_world_size() if is_distributed() else 1
                 meta = {"format": CHECKPOINT_FORMAT, "world_size": world, "models": sorted(models),
                         "optimizers": sorted(optimizers), "stateful": sorted(stateful), "extra": extra}
-                _save(meta, tmp / _META_FILE)
+                atomic_save(meta, tmp / _META_FILE)
         except Exception as e:  # noqa: BLE001
             error, ok = e, False
         ok = all_ranks_ok(ok)

@@ -1,6 +1,8 @@
 """Re-DMD losses: the normalised DMD gradient, the reward-weighted generator loss and the critic loss.
 
-Pure tensor functions (no models, no state), so every formula is unit-testable on CPU.
+Pure tensor functions (no models, no state), so every formula is unit-testable on CPU: the generator's
+(Re-)DMD loss, the critic's flow matching (optionally reward-tilted), the teacher's flow matching and the ODE
+init's masked x0 regression.
 
 Conventions: latents are frame-major ``[B, F, C, H, W]`` (any ``[B, ...]`` works: everything after
 the batch dimension is reduced over), the scores return x0-predictions, and the flow is
@@ -16,11 +18,13 @@ is how DMD injects a gradient that is not the derivative of any loss the generat
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
-__all__ = ["dmd_gradient", "re_dmd_loss", "reward_weights", "critic_tilt_weights", "critic_loss"]
+__all__ = ["dmd_gradient", "re_dmd_loss", "reward_weights", "critic_tilt_weights", "critic_loss", "flow_matching_loss",
+           "reference_critic_flow", "ode_regression_inputs", "ode_regression_loss"]
 
 RewardWeighting = Literal["per_sample", "first_sample"]
 
@@ -209,3 +213,44 @@ def critic_loss(flow_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor,
     target = noise.detach().float() - x0.detach().float()
     per_sample = (flow_pred.float() - target).pow(2).mean(dim=_sample_dims(flow_pred))
     return (weights.detach().float() * per_sample).mean()
+
+
+def reference_critic_flow(flow: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule, score_schedule
+                          ) -> torch.Tensor:
+    """The reference's critic flow (``training.critic_flow_from_x0``): the critic's flow converted to x0 on the
+    score grid (shift 8) and back to flow on the student's grid (shift 5). ``schedule`` / ``score_schedule``
+    are :class:`~reward_forcing.schedule.FlowMatchSchedule` objects."""
+    return schedule.x0_to_flow(score_schedule.flow_to_x0(flow, x_t, t), x_t, t)
+
+
+def ode_regression_inputs(states: torch.Tensor, timesteps: Sequence[float], frames_per_block: int, *,
+                          clean_context: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ODE init's inputs from trajectories ``states [B, S + 1, F, C, h, w]`` (the states at the student's
+    ``S`` timesteps, then the clean sample): each block takes the state at a random one of the timesteps; with
+    ``clean_context`` a random prefix of blocks is instead the clean sample at t = 0, as the inference cache holds
+    them (they only serve the blocks after them, so the prefix is shorter than the video and carries no loss).
+
+    Returns ``(x_t [B, F, C, h, w], t [B, F], trained [B, F])``; draws from the global RNG on ``states``' device.
+    """
+    device = states.device
+    steps = torch.tensor(list(timesteps), device=device)
+    b, s1, f = states.shape[:3]
+    if s1 != len(steps) + 1:
+        raise ValueError(f"the ODE pairs hold {s1 - 1} states per trajectory; the student has {len(steps)} "
+                         f"timesteps {list(timesteps)}: regenerate them for this schedule")
+    blocks = f // frames_per_block
+    index = torch.randint(len(steps), (b, blocks), device=device)
+    prefix = torch.randint(blocks if clean_context else 1, (b, 1), device=device)
+    clean = torch.arange(blocks, device=device) < prefix
+    index = torch.where(clean, len(steps), index).repeat_interleave(frames_per_block, dim=1)
+    x_t = states[torch.arange(b, device=device)[:, None], index, torch.arange(f, device=device)]
+    t = torch.cat([steps, steps.new_zeros(1)])[index]  # one timestep per block
+    trained = (~clean).repeat_interleave(frames_per_block, dim=1).float()
+    return x_t, t, trained
+
+
+def ode_regression_loss(x0_pred: torch.Tensor, x0: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    """The ODE init's loss: mean squared error of the x0 prediction ``[B, F, ...]`` against the teacher's clean
+    sample, over the frames with ``trained [B, F]`` set (the clean-context prefix is excluded)."""
+    error = (x0_pred - x0.float()).pow(2).flatten(2).mean(-1)  # [B, F]
+    return (error * trained).sum() / trained.sum()

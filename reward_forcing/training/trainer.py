@@ -38,11 +38,8 @@ dmd, ``{"generator"}`` like ``ode_init.pt`` for ode, ``{"model"}`` for teacher; 
 """
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,7 +48,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import checkpoints as ckpt
-from ..config import Config, TrainingConfig
+from ..config import Config
 from ..data import LatentVideos, PromptSampler, latent_videos, ode_pairs
 from ..models.wan import WanModel
 from ..schedule import FlowMatchSchedule, sample_training_timesteps
@@ -59,126 +56,17 @@ from ..video_io import Mp4Writer
 from . import checkpointing, parallel
 from .build import TrainingModels
 from .ema import ShardedEMA
-from .losses import critic_loss, critic_tilt_weights, dmd_gradient, flow_matching_loss, re_dmd_loss
+from .losses import (critic_loss, critic_tilt_weights, dmd_gradient, flow_matching_loss, ode_regression_inputs,
+                     ode_regression_loss, re_dmd_loss, reference_critic_flow)
 from .rollout import RolloutConfig, rollout
+from .run import (CHECKPOINT_DIR, EXPORT_PREFIX, SAMPLE_DIR, RunLog, StepLog, is_generator_step, lr_factor,
+                  per_rank_batch_size, training_budget)
 
 log = logging.getLogger(__name__)
-
-LOG_FILE, CHECKPOINT_DIR, SAMPLE_DIR, EXPORT_PREFIX = "log.jsonl", "checkpoints", "samples", "checkpoint_model_"
-CONFIG_FILE = "config.yaml"  # written by train.py
-
-
-def previous_run(logdir: str | Path) -> list[Path]:
-    """What an earlier run left in ``logdir`` (logs, checkpoints, exports, samples, its config), if anything."""
-    logdir = Path(logdir)
-    if not logdir.is_dir():
-        return []
-    found = [logdir / name for name in (LOG_FILE, CONFIG_FILE, SAMPLE_DIR) if (logdir / name).exists()]
-    if any((logdir / CHECKPOINT_DIR).glob("*")):
-        found.append(logdir / CHECKPOINT_DIR)
-    return found + sorted(logdir.glob(EXPORT_PREFIX + "*"))
-
-
-def remove_previous_run(logdir: str | Path) -> None:
-    """Delete what :func:`previous_run` lists (``train.py --overwrite``), so two runs never mix in one folder."""
-    for path in previous_run(logdir):
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def per_rank_batch_size(tr: TrainingConfig, world_size: int) -> int:
-    """Micro-batch per rank: ``batch_size``, or ``global_batch_size / (world_size * accumulation)``."""
-    if tr.global_batch_size <= 0:
-        return tr.batch_size
-    parts = world_size * tr.gradient_accumulation_steps
-    if tr.global_batch_size % parts:
-        raise ValueError(f"training.global_batch_size={tr.global_batch_size} is not divisible by world_size "
-                         f"{world_size} x gradient_accumulation_steps {tr.gradient_accumulation_steps} = {parts}; "
-                         f"use a multiple of {parts}")
-    return tr.global_batch_size // parts
-
-
-def is_generator_step(step: int, tr: TrainingConfig) -> bool:
-    """Whether (0-based) step ``step`` also updates the generator: steps 0, ratio, 2 ratio, ... in dmd mode;
-    every step in ode mode; never in teacher mode."""
-    if tr.mode != "dmd":
-        return tr.mode == "ode"
-    return step % tr.dfake_gen_update_ratio == 0
-
-
-def lr_factor(step: int, tr: TrainingConfig) -> float:
-    """Learning-rate multiplier of (0-based) step ``step``: 1, then a linear decay over the last
-    ``lr_cooldown_steps`` steps (the last step still learns a little); constant when that is 0."""
-    if tr.lr_cooldown_steps <= 0:
-        return 1.0
-    return min(1.0, (tr.max_steps - step) / tr.lr_cooldown_steps)
-
-
-@dataclass(frozen=True)
-class TrainingBudget:
-    """The compute a run performs per rank: a gradient evaluation is one micro-batch's forward and backward."""
-
-    critic_steps: int
-    critic_grad_evals: int
-    generator_steps: int
-    generator_grad_evals: int
-    micro_batch: int  # prompts per rank and micro-batch
-    critic_name: str = "critic"  # what the critic counts update: the teacher in teacher mode
-
-    def __str__(self) -> str:
-        return (f"{self.critic_name} {self.critic_grad_evals} gradient evaluations in {self.critic_steps} optimizer "
-                "steps, "
-                f"generator {self.generator_grad_evals} gradient evaluations in {self.generator_steps} optimizer "
-                f"steps (per rank, {self.micro_batch} prompt(s) per micro-batch)")
-
-
-def training_budget(tr: TrainingConfig, world_size: int = 1, start_step: int = 0) -> TrainingBudget:
-    """Optimizer steps and gradient evaluations of steps ``start_step .. max_steps - 1`` (the whole run by
-    default), counted the way :meth:`Trainer.train` loops."""
-    steps = range(start_step, tr.max_steps)
-    gen_steps = sum(1 for step in steps if is_generator_step(step, tr))
-    accum = tr.gradient_accumulation_steps
-    other = len(steps) if tr.mode != "ode" else 0  # critic updates (dmd) or teacher updates (teacher mode)
-    return TrainingBudget(critic_steps=other, critic_grad_evals=other * accum,
-                          generator_steps=gen_steps, generator_grad_evals=gen_steps * accum,
-                          micro_batch=per_rank_batch_size(tr, world_size),
-                          critic_name="teacher" if tr.mode == "teacher" else "critic")
 
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; raised before the optimizer step, so no weight is touched."""
-
-
-class StepLog:
-    """The numbers one step logs. Values added with :meth:`add` (losses, rewards, weights: one per micro-batch or
-    per sample) are logged as their mean over every micro-batch and every rank (:meth:`reduce`, collective);
-    :meth:`set` values (gradient norms, already global; timings) are logged as given."""
-
-    def __init__(self):
-        self._sums: dict[str, float] = {}
-        self._counts: dict[str, int] = {}
-        self.values: dict[str, float | int] = {}
-
-    def add(self, prefix: str, info: dict) -> None:
-        for key, value in info.items():
-            value = torch.as_tensor(value).detach().double()
-            name = prefix + key
-            self._sums[name] = self._sums.get(name, 0.0) + value.sum().item()
-            self._counts[name] = self._counts.get(name, 0) + value.numel()
-
-    def set(self, name: str, value: float | int) -> None:
-        self.values[name] = value
-
-    def reduce(self) -> dict[str, float | int]:
-        """Means over micro-batches and ranks of the added values, plus the set ones. Call on every rank."""
-        names = sorted(self._sums)  # the same keys in the same order on every rank
-        if names:
-            local = torch.tensor([[self._sums[n], self._counts[n]] for n in names], dtype=torch.float64)
-            for name, (total, count) in zip(names, parallel.all_reduce_sum(local).tolist()):
-                self.values[name] = total / count if count else float("nan")
-        return self.values
 
 
 class Trainer:
@@ -240,8 +128,7 @@ class Trainer:
                                        and dist.world_size == 1)
         self.compute_dtype = (torch.bfloat16 if self.tr.mixed_precision and self.device.type == "cuda"
                               else torch.float32)
-        self.log_file = self.logdir / LOG_FILE
-        self.wandb = self._init_wandb() if use_wandb and dist.is_main else None
+        self.run_log = RunLog(self.logdir, self.tr, is_main=dist.is_main, use_wandb=use_wandb)
         self._last_sample: tuple[torch.Tensor, str] | None = None
         if resume:
             self.resume()
@@ -333,36 +220,21 @@ class Trainer:
             x_t = self.schedule.add_noise(x, noise, t[:, None])
         with self.autocast:
             flow = self.m.critic(x_t.to(self.compute_dtype), t, cond.to(self.compute_dtype)).float()
-        if self.tr.critic_flow_from_x0:  # reference: flow -> x0 on the shift-8 grid -> flow on the shift-5 grid
-            flow = self.schedule.x0_to_flow(self.score_schedule.flow_to_x0(flow, x_t, t), x_t, t)
+        if self.tr.critic_flow_from_x0:
+            flow = reference_critic_flow(flow, x_t, t, self.schedule, self.score_schedule)
         return critic_loss(flow, noise, x, weights), info
 
     def ode_loss(self, batch: tuple[torch.Tensor, list[str]]) -> tuple[torch.Tensor, dict]:
         """ODE regression of the causal student (module docstring)."""
         states, prompts = batch  # [B, S + 1, F, C, h, w]: states at the student's timesteps, then the clean sample
         cond, _ = self._encode(prompts)
-        steps = torch.tensor(self.rollout_cfg.timesteps, device=self.device)
-        b, s1, f = states.shape[:3]
-        if s1 != len(steps) + 1:
-            raise ValueError(f"the ODE pairs hold {s1 - 1} states per trajectory; the student has {len(steps)} "
-                             f"timesteps {self.rollout_cfg.timesteps}: regenerate them for this schedule")
-        block = self.m.generator.causal.frames_per_block
-        blocks = f // block
-        index = torch.randint(len(steps), (b, blocks), device=self.device)
-        # Clean context: the first k blocks are the clean sample at t = 0 (index len(steps)), as the inference cache
-        # holds them; they only serve the blocks after them (no loss), so k < blocks and each block is trained on
-        # exactly the context it streams on (all earlier blocks clean) in 1 / blocks of the samples.
-        prefix = torch.randint(blocks if self.tr.ode_clean_context else 1, (b, 1), device=self.device)
-        clean = torch.arange(blocks, device=self.device) < prefix
-        index = torch.where(clean, len(steps), index).repeat_interleave(block, dim=1)
-        x_t = states[torch.arange(b, device=self.device)[:, None], index, torch.arange(f, device=self.device)]
-        t = torch.cat([steps, steps.new_zeros(1)])[index]  # [B, F]: one timestep per block
+        x_t, t, trained = ode_regression_inputs(states, self.rollout_cfg.timesteps,
+                                                self.m.generator.causal.frames_per_block,
+                                                clean_context=self.tr.ode_clean_context)
         with self.autocast:
             flow = self.m.generator(x_t.to(self.compute_dtype), t, cond.to(self.compute_dtype), causal=True)
         x0 = self.schedule.flow_to_x0(flow.float(), x_t.float(), t)
-        error = (x0 - states[:, -1].float()).pow(2).flatten(2).mean(-1)  # [B, F]
-        trained = (~clean).repeat_interleave(block, dim=1).float()
-        return (error * trained).sum() / trained.sum(), {}
+        return ode_regression_loss(x0, states[:, -1], trained), {}
 
     def teacher_loss(self, batch: tuple[torch.Tensor, list[str]]) -> tuple[torch.Tensor, dict]:
         """Flow matching of the bidirectional teacher with CFG dropout (module docstring)."""
@@ -451,31 +323,14 @@ class Trainer:
         path = self.logdir / SAMPLE_DIR / f"step_{self.step:06d}.mp4"
         with Mp4Writer(path, fps=self.cfg.video.fps) as writer:
             writer.write(frames)
-        if self.wandb is not None:
+        if self.run_log.wandb is not None:
             import wandb
 
-            self.wandb.log({"sample": wandb.Video(str(path), caption=prompt)}, step=self.step)
+            self.run_log.wandb.log({"sample": wandb.Video(str(path), caption=prompt)}, step=self.step)
         return path
 
-    def _init_wandb(self):
-        try:
-            import wandb
-        except ImportError:
-            log.warning("wandb is not installed (pip install wandb); logging to %s only", self.log_file)
-            return None
-        return wandb.init(project=self.tr.wandb_project, dir=str(self.logdir), name=self.logdir.name,
-                          config={"training": vars(self.tr)})
-
     def _log(self, values: dict) -> None:
-        if not self.dist.is_main:
-            return
-        clean = {k: (v if isinstance(v, (int, str)) else round(float(v), 6)) for k, v in values.items()}
-        with self.log_file.open("a") as fh:
-            fh.write(json.dumps(clean) + "\n")
-        if self.step % self.tr.log_every == 0:
-            log.info(" ".join(f"{k}={v}" for k, v in clean.items()))
-        if self.wandb is not None:
-            self.wandb.log(clean, step=self.step)
+        self.run_log.write(values, self.step)
 
     # ---------------------------------------------------------------------------- checkpoints
     def latest_checkpoint(self) -> Path | None:
