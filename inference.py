@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from reward_forcing import checkpoints as ckpt
 from reward_forcing import file_io
-from reward_forcing.build import build_pipeline, needs_checkpoint_root
+from reward_forcing.build import build_pipeline, needs_checkpoint_root, resolve_device, resolve_dtype
 from reward_forcing.compile import COMPILE_MODES
 from reward_forcing.config import ConfigError, load_config
 from reward_forcing.data import read_prompts, shard_for_rank
@@ -117,28 +117,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="continue this video (mp4): it fills the cache, the output is the continuation")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     return p.parse_intermixed_args(argv)
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SetupError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SetupError(f"--device {name} was requested but no CUDA GPU is available (torch "
-                         f"{torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SetupError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def check_output_folder(folder: Path) -> None:
@@ -235,7 +213,8 @@ def generate_all(args, cfg, prompts, pipe: StreamingPipeline, output: Path, rank
 
 def _interactive_inputs(args, cfg):
     """The --timeline events and the --image / --extend pixels, read and checked before anything is written."""
-    from reward_forcing.interactive import fit_frames, load_timeline, read_image, read_video_frames
+    from reward_forcing.interactive import fit_frames, load_timeline, read_image
+    from reward_forcing.video_io import read_video
 
     events = load_timeline(args.timeline) if args.timeline else None
     if (args.timeline or args.image or args.extend) and cfg.video.num_output_frames % cfg.causal.frames_per_block:
@@ -243,7 +222,7 @@ def _interactive_inputs(args, cfg):
                          f"{cfg.causal.frames_per_block}-frame block")
     media = None
     if args.image or args.extend:
-        frames = read_image(args.image)[None] if args.image else read_video_frames(args.extend)[0]
+        frames = read_image(args.image)[None] if args.image else read_video(args.extend)[0]
         pixels, note = fit_frames(frames, cfg.video.height, cfg.video.width)
         if note:
             log.info("%s: %s", args.image or args.extend, note)

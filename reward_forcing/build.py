@@ -49,6 +49,13 @@ def build_dit(cfg: Config, flavor: str, *, causal: CausalSpec | None = None, wei
     are assigned, so a 14B model is never initialised just to be overwritten.
     """
     if weights is None and cfg.model.random_init:
+        if init != "reference" and flavor not in ("tiny", "toy"):
+            # Real sizes (benchmarks): allocated on the target device in the target dtype and filled there, with
+            # no CPU copy and no float32 detour (init_random_ draws on each parameter's device). tiny and toy
+            # keep their CPU init followed by a move: the recorded test outputs depend on it.
+            with torch.device("meta"):
+                model = WanModel.from_flavor(flavor, causal=causal)
+            return init_random_(model.to(dtype=dtype).to_empty(device=device), seed=seed)
         model = WanModel.from_flavor(flavor, causal=causal)
         if init == "reference":  # a model about to be trained from scratch (e.g. the toy teacher)
             with torch.random.fork_rng(devices=[]):
@@ -225,3 +232,32 @@ def _video_reward(cfg: Config, device, dtype, require_template: bool):
         folder, prompt_template_file=template, device=device, dtype=dtype, fps=tr.reward_fps,
         sample_all_frames=tr.reward_sample_all_frames, reference_pixel_range=tr.reward_pixel_range == "reference"),
         train=True)
+
+
+# ---------------------------------------------------------------------------------- device and dtype of a run
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``--device`` of every entry point: ``auto`` (``cuda:<local_rank>`` when a GPU is available, else the
+    CPU), ``cpu``, ``cuda`` or ``cuda:N``. A bad value raises a one-line ``ValueError`` that names it and the fix."""
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was requested but no CUDA GPU is available (torch "
+                         f"{torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``--dtype`` of every entry point: ``auto`` (bf16 on a GPU, fp32 on the CPU), ``bf16``, ``fp16`` or ``fp32``."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in dtypes:
+        raise ValueError(f"--dtype {name!r} is not a dtype; use auto, bf16, fp16 or fp32")
+    return dtypes[name]

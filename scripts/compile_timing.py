@@ -63,15 +63,15 @@ def measure(args) -> dict:
     """One process: compile, stream, time (runs in a child with TORCHINDUCTOR_CACHE_DIR already set)."""
     import torch
 
+    from reward_forcing.build import resolve_device, resolve_dtype
     from reward_forcing.compile import CompileCounters, compile_cache_dir
     from reward_forcing.denoising import BlockDenoiser
     from reward_forcing.models.wan import WanModel, init_random_
     from reward_forcing.schedule import FlowMatchSchedule
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     shape = {} if args.flavor != "tiny" else dict(num_layers=args.layers, dim=args.dim, ffn_dim=4 * args.dim,
                                                    num_heads=args.heads, text_dim=4096)
     with torch.device("meta"):

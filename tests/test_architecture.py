@@ -35,6 +35,7 @@ LAYERS = {
     "reward_forcing.build": 7,
     "reward_forcing.training": 8,
     "reward_forcing.evaluation": 8,
+    "reward_forcing.benchmark": 8,  # the streaming speed benchmark (scripts/benchmark.py is its CLI)
     "reward_forcing.interactive": 8,  # its __init__ and start media
     "reward_forcing.toy.evaluate": 8,  # toy-world evaluation through the pipeline and the teacher sampler
     "reward_forcing.toy.report": 8,
@@ -42,7 +43,7 @@ LAYERS = {
     "reward_forcing.serve": 9,
 }
 SUBPACKAGES = ("reward_forcing.training", "reward_forcing.evaluation", "reward_forcing.models.video_reward",
-               "reward_forcing.interactive", "reward_forcing.serve", "reward_forcing.toy")
+               "reward_forcing.interactive", "reward_forcing.serve", "reward_forcing.toy", "reward_forcing.benchmark")
 
 
 def module_name(path: Path) -> str:

@@ -1,6 +1,6 @@
-"""scripts/benchmark.py: a tiny-flavor CPU smoke of the CLI (seconds; a subprocess because the stdout/stderr
-contract is the thing tested), and the timed run is StreamingPipeline.stream itself. The benchmark itself is
-not a test: figures live in docs/benchmarks.md."""
+"""scripts/benchmark.py (the CLI of reward_forcing/benchmark/): a tiny-flavor CPU smoke of the CLI (seconds; a
+subprocess because the stdout/stderr contract is the thing tested), the timed run is StreamingPipeline.stream
+itself, and the models are build.py's. The benchmark itself is not a test: figures live in docs/benchmarks.md."""
 import importlib.util
 import json
 import math
@@ -11,6 +11,11 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from reward_forcing.benchmark.flops import dit_flops_per_call
+from reward_forcing.benchmark.timing import Clock, timed_stream
+from reward_forcing.build import build_pipeline
+from reward_forcing.config import load_config
+from reward_forcing.models.wan import WanConfig
 
 SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
 
@@ -61,16 +66,13 @@ def test_tiny_cpu_smoke_prints_table_and_one_json_line(tmp_path):
     assert "time to first frame" in proc.stderr and "[9, 12]" in proc.stderr
 
 
-def test_timed_loop_equals_pipeline_stream(bench):
-    spec = bench.CausalSpec(3, 9, 3, "ema")
-    device, dtype = torch.device("cpu"), torch.float32
-    pipe = bench.StreamingPipeline(bench.build_generator("tiny", spec, device, dtype),
-                                   bench.TextEncoder.tiny(), bench.build_vae("tiny", device, dtype))
+def test_timed_loop_equals_pipeline_stream():
+    pipe = build_pipeline(load_config(REPO_ROOT / "configs" / "tiny.yaml"))  # window 9, EMA sink 3, blocks of 3
     context = pipe.encode_prompts(["a fox in the snow"])
     kw = dict(num_frames=12, height=48, width=80, seed=7)
     with torch.no_grad():
         expected = list(pipe.stream(context=context, **kw))
-    run = bench.timed_stream(pipe, context, bench.Clock(device), keep_outputs=True, **kw)
+    run = timed_stream(pipe, context, Clock(torch.device("cpu")), keep_outputs=True, **kw)
     assert pipe.phase_hook is None and not pipe.generator._forward_pre_hooks  # the timing hooks are removed again
     assert len(run.latents) == len(expected) == 4
     for chunk, latents, frames in zip(expected, run.latents, run.frames):
@@ -87,6 +89,10 @@ def test_cli_defaults_and_rejections(bench, capsys):
     args = bench.parse_args(["--flavor", "1.3B"])
     assert (args.height, args.width, args.vae, args.num_frames, args.repeats) == (480, 832, "wan2.1", 21, 3)
     assert (args.spec.local_attn_size, args.spec.sink_size, args.spec.sink_policy) == (9, 3, "ema")
+    # The models are build.py's: the flags become overrides of the config it builds from, with random weights.
+    model, video = args.cfg.model, args.cfg.video
+    assert (model.random_init, model.generator, model.vae, args.text_encoder) == (True, "1.3B", "wan2.1", "none")
+    assert (video.height, video.width, video.num_output_frames) == (480, 832, 21)
     tiny = bench.parse_args([])
     assert (tiny.flavor, tiny.height, tiny.width, tiny.vae, tiny.text_encoder) == ("tiny", 48, 80, "tiny", "none")
     # A config is benchmarked as it would run: its models, cache, video size; flags and overrides win.
@@ -94,6 +100,10 @@ def test_cli_defaults_and_rejections(bench, capsys):
                             "--num_frames", "6"])
     assert (cfg.flavor, cfg.vae, cfg.text_encoder, cfg.height, cfg.width) == ("tiny", "tiny", "tiny", 48, 80)
     assert (cfg.num_frames, cfg.spec.sink_policy, cfg.spec.local_attn_size) == (6, "static", 9)
+    assert (cfg.cfg.causal.sink_policy, cfg.cfg.video.num_output_frames) == ("static", 6)
+    rope = bench.parse_args(["--rope_precision", "float32", "--compile", "--compile_mode", "max-autotune"])
+    assert (rope.cfg.model.rope_precision, rope.cfg.model.compile, rope.cfg.model.compile_mode) == (
+        "float32", True, "max-autotune")
     full = bench.parse_args(["--config_path", str(REPO_ROOT / "configs" / "reward_forcing.yaml")])
     assert (full.flavor, full.vae, full.text_encoder, full.height, full.num_frames) == ("1.3B", "wan2.1", "umt5-xxl",
                                                                                         480, 21)
@@ -103,9 +113,9 @@ def test_cli_defaults_and_rejections(bench, capsys):
             bench.parse_args(bad)
 
 
-def test_dit_flop_estimate_matches_the_documented_bound(bench):
+def test_dit_flop_estimate_matches_the_documented_bound():
     """docs/benchmarks.md: ~121 TFLOP per 12-frame block of the 1.3B DiT at 832x480 with a full window."""
-    cfg = bench.WanConfig.from_flavor("1.3B")
-    per_block = 5 * bench.dit_flops_per_call(cfg, tokens_per_frame=30 * 52, query_frames=3, key_frames=9)
+    cfg = WanConfig.from_flavor("1.3B")
+    per_block = 5 * dit_flops_per_call(cfg, tokens_per_frame=30 * 52, query_frames=3, key_frames=9)
     assert 118e12 < per_block < 124e12
     assert 75 < 12 / (per_block / 800e12) < 82  # FPS bound at 800 TFLOP/s dense bf16

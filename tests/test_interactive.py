@@ -230,7 +230,7 @@ def test_sink_alpha_is_live(warm):
     warm.next_block()
     folded = cache.sink_kv(0)[0][:, :cache.frame_tokens]
     assert torch.allclose(folded, 0.5 * sink_before[:, :cache.frame_tokens] + 0.5 * evicted, atol=1e-6)
-    with pytest.raises(ValueError, match="sink alpha"):
+    with pytest.raises(ValueError, match="ema_alpha must be in .0, 1., got 1.5"):
         warm.set_sink_alpha(1.5)
 
 

@@ -224,9 +224,9 @@ def test_malformed_messages_get_an_error_and_the_connection_stays_up(client):
         peer.until(lambda: len(peer.of_type("error")) >= 9)
         errors = [m["message"] for m in peer.of_type("error")]
         for expected in ["send 'start' before 'prompt'", "not JSON", "unknown message type 'warp'",
-                         "the prompt has 51 characters; the limit is 50", "seed must be a whole number",
-                         "policy 'swap' is not one of", "blend must be a whole number",
-                         "sink alpha must be a number in [0, 1]", "already started"]:
+                         "the prompt has 51 characters; the limit is 50", "'seed' must be a whole number",
+                         "policy 'swap' is not one of", "'blend' must be a whole number in [0, 64], got True",
+                         "ema_alpha must be in [0, 1], got 2", "already started"]:
             assert any(expected in e for e in errors), (expected, errors)
         peer.until(lambda: peer.blocks())  # still streaming
 

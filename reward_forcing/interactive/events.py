@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
+from ..models.kv_cache import CausalSpec
 
 SWITCH_POLICIES = ("cross", "recache", "recache_sink", "reset")
 
@@ -67,8 +69,7 @@ class SetSinkAlpha:
     alpha: float
 
     def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"sink alpha must be in [0, 1], got {self.alpha}")
+        replace(CausalSpec(), ema_alpha=self.alpha)  # the one range check of the alpha (CausalSpec's)
 
 
 Event = SetPrompt | SetSeed | Reset | SetSinkAlpha
@@ -94,7 +95,7 @@ def load_timeline(path: str | os.PathLike) -> list[Event]:
     for i, entry in enumerate(entries):
         try:
             events.append(event_from_dict(entry))
-        except (TypeError, ValueError, KeyError) as err:
+        except ValueError as err:
             raise ValueError(f"timeline {path}, entry {i} ({json.dumps(entry)[:80]}): {err}") from None
     return sorted(events, key=lambda e: e.block)  # stable: same-block events keep the file's order
 
@@ -102,32 +103,47 @@ def load_timeline(path: str | os.PathLike) -> list[Event]:
 _KEYS = {"block", "prompt", "policy", "blend", "seed", "reset", "sink_alpha"}
 
 
+MAX_BLEND_BLOCKS = 64
+
+
+def _whole(value, name: str, low: int = 0, high: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"'{name}' must be a whole number {bound}, got {value!r}")
+    return value
+
+
 def event_from_dict(entry: dict) -> Event:
-    """One timeline entry -> one event (see :func:`load_timeline`)."""
+    """One action as JSON -> one event: the one decoding of actions, for timeline files (:func:`load_timeline`)
+    and the web app's messages alike. Keys: ``block``, then ``prompt`` (+ ``policy``, ``blend``), ``seed``,
+    ``reset`` (+ ``prompt``, ``seed``) or ``sink_alpha``. Raises ``ValueError`` naming the bad key."""
     if not isinstance(entry, dict):
-        raise TypeError("an event is a JSON object")
+        raise ValueError("an event is a JSON object")
     unknown = set(entry) - _KEYS
     if unknown:
         raise ValueError(f"unknown key(s) {sorted(unknown)}; use {sorted(_KEYS)}")
-    block = entry.get("block")
-    if not isinstance(block, int) or isinstance(block, bool) or block < 0:
-        raise ValueError(f"'block' must be a whole number >= 0, got {block!r}")
+    block = _whole(entry.get("block"), "block")
     seed = entry.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise ValueError(f"'seed' must be a whole number >= 0, got {seed!r}")
+    if seed is not None:
+        seed = _whole(seed, "seed", high=2**63 - 1)
+    prompt = entry.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError("'prompt' must be a string")
     if entry.get("reset"):
         if "sink_alpha" in entry:
             raise ValueError("one action per event: a reset takes 'prompt' and 'seed', not 'sink_alpha'")
-        return Reset(block, text=entry.get("prompt"), seed=seed)
+        return Reset(block, text=prompt, seed=seed)
     actions = [key for key in ("prompt", "seed", "sink_alpha") if key in entry]
     if len(actions) > 1:
         raise ValueError(f"one action per event, got {actions} (a reset may carry a prompt and a seed)")
-    if "prompt" in entry:
-        if not isinstance(entry["prompt"], str):
-            raise ValueError("'prompt' must be a string")
-        return SetPrompt(block, entry["prompt"], entry.get("policy", "cross"), int(entry.get("blend", 0)))
+    if prompt is not None:
+        blend = _whole(entry.get("blend", 0), "blend", high=MAX_BLEND_BLOCKS)
+        return SetPrompt(block, prompt, entry.get("policy", "cross"), blend)
     if seed is not None:
         return SetSeed(block, seed)
     if "sink_alpha" in entry:
-        return SetSinkAlpha(block, float(entry["sink_alpha"]))
+        alpha = entry["sink_alpha"]
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            raise ValueError(f"'sink_alpha' must be a number in [0, 1], got {alpha!r}")
+        return SetSinkAlpha(block, float(alpha))
     raise ValueError("an event needs one of 'prompt', 'seed', 'reset' or 'sink_alpha'")

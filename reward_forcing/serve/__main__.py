@@ -12,9 +12,7 @@ import secrets
 import sys
 from pathlib import Path
 
-import torch
-
-from ..build import build_pipeline
+from ..build import build_pipeline, resolve_device, resolve_dtype
 from ..config import ConfigError, load_config
 from .app import ServeOptions, create_app
 
@@ -64,10 +62,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config_path, list(args.overrides))
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if args.device == "auto" else args.device))
-        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-                 "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
         checkpoint = args.checkpoint_path or cfg.model.checkpoint or None
         if checkpoint is not None and not Path(checkpoint).is_file():
             source = "--checkpoint_path" if args.checkpoint_path else f"model.checkpoint of {args.config_path}"

@@ -34,7 +34,8 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..interactive import SWITCH_POLICIES, fit_frames, read_image
+from ..interactive import SWITCH_POLICIES, Reset, fit_frames, read_image
+from ..interactive.events import event_from_dict
 from ..pipeline import StreamingPipeline
 from ..video_io import DEFAULT_FPS, Mp4Writer
 from .stream import BlockQueue, ModelWorker
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 HEADER_BYTES = 16
 _MESSAGE_TYPES = {"start", "prompt", "seed", "reset", "sink_alpha", "pause", "resume", "record", "ack"}
+# Messages that are session events: timeline key -> message field (interactive/events.py decodes both)
+_EVENT_MESSAGES = {"prompt": {"prompt": "text", "policy": "policy", "blend": "blend"}, "seed": {"seed": "seed"},
+                   "reset": {"prompt": "prompt", "seed": "seed"}, "sink_alpha": {"sink_alpha": "alpha"}}
 _RELOAD_GRACE_S = 1.0  # how long a new client waits for the old one's close to arrive (a reload: milliseconds)
 _RECORDING_NAME = re.compile(r"^recording-\d{8}-\d{6}-[0-9a-f]{8}\.mp4$")
 
@@ -215,25 +219,17 @@ class Connection:
             return
         if self.worker is None:
             raise ClientError(f"send 'start' before {kind!r}")
-        if kind == "prompt":
-            policy = msg.get("policy", "cross")
-            if policy not in SWITCH_POLICIES:
-                raise ClientError(f"policy {policy!r} is not one of {list(SWITCH_POLICIES)}")
-            blend = msg.get("blend", 0)
-            if not isinstance(blend, int) or isinstance(blend, bool) or not 0 <= blend <= 64:
-                raise ClientError(f"blend must be a whole number of blocks in [0, 64], got {blend!r}")
-            self.worker.post("prompt", self._prompt(msg.get("text")), policy, blend)
-        elif kind == "seed":
-            self.worker.post("seed", self._seed(msg.get("seed")))
-        elif kind == "reset":
-            prompt = self._prompt(msg["prompt"]) if msg.get("prompt") else None
-            seed = self._seed(msg["seed"]) if msg.get("seed") is not None else None
-            self.worker.post("reset", prompt, seed, None)
-        elif kind == "sink_alpha":
-            alpha = msg.get("alpha")
-            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
-                raise ClientError(f"sink alpha must be a number in [0, 1], got {alpha!r}")
-            self.worker.post("sink_alpha", float(alpha))
+        if kind in _EVENT_MESSAGES:  # the same decoding as a timeline entry; applied before the next block
+            entry = {key: msg[field] for key, field in _EVENT_MESSAGES[kind].items() if msg.get(field) is not None}
+            if kind == "reset":  # an empty prompt keeps the one in effect
+                entry = {"reset": True, **{k: v for k, v in entry.items() if k != "prompt" or v}}
+            if "prompt" in entry:
+                entry["prompt"] = self._prompt(entry["prompt"])
+            try:
+                event = event_from_dict({"block": 0, **entry})
+            except ValueError as err:
+                raise ClientError(str(err)) from None
+            self.worker.post("event", event)
         else:  # pause, resume
             self.worker.post(kind)
 
@@ -246,9 +242,10 @@ class Connection:
 
     @staticmethod
     def _seed(seed) -> int:
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise ClientError(f"seed must be a whole number in [0, 2^63), got {seed!r}")
-        return seed
+        try:
+            return event_from_dict({"block": 0, "seed": seed}).seed
+        except ValueError as err:
+            raise ClientError(str(err)) from None
 
     async def on_image(self, data: bytes) -> None:
         if len(data) > self.options.max_upload_bytes:
@@ -262,7 +259,7 @@ class Connection:
         if self.worker is None:
             self.start(None, 0, image=pixels[0])
         else:
-            self.worker.post("reset", None, None, pixels[0])
+            self.worker.post("event", Reset(0, image=pixels[0]))
 
     def start(self, prompt: str | None, seed: int, image=None) -> None:
         self.worker = ModelWorker(self.pipe, prompt or "a video", seed=seed, height=self.options.height,

@@ -10,6 +10,7 @@ In lossless mode (while recording) the model thread waits for room instead of dr
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import queue
@@ -112,9 +113,8 @@ class Stats:
 class ModelWorker(threading.Thread):
     """Owns the :class:`Session`; runs blocks, applies commands between them; see the module docstring.
 
-    Commands (posted with :meth:`post`, a tuple whose first item names it): ``("prompt", text, policy,
-    blend)``, ``("seed", n)``, ``("reset", prompt | None, seed | None, image | None)``, ``("sink_alpha", a)``,
-    ``("pause",)``, ``("resume",)``. Messages for the client (applied events, errors) go to ``messages``.
+    Commands (posted with :meth:`post`): ``("event", event)`` with a session event (``SetPrompt``, ``SetSeed``,
+    ``Reset``, ``SetSinkAlpha``: the same objects a timeline holds), ``("pause",)``, ``("resume",)``. Messages for the client (applied events, errors) go to ``messages``.
     """
 
     def __init__(self, pipe: StreamingPipeline, prompt: str, *, seed: int, height: int, width: int,
@@ -161,14 +161,9 @@ class ModelWorker(threading.Thread):
         while command is not None:
             name, *args = command
             try:
-                if name == "prompt":
-                    self.session.set_prompt(*args)
-                elif name == "seed":
-                    self.session.set_seed(*args)
-                elif name == "reset":
-                    self.session.reset(*args)
-                elif name == "sink_alpha":
-                    self.session.set_sink_alpha(*args)
+                if name == "event":  # a session event (interactive/events.py), applied before the next block
+                    (event,) = args
+                    self.session.add_event(dataclasses.replace(event, block=self.session.block))
                 elif name in ("pause", "resume"):
                     self.stats.paused = name == "pause"
                     self.messages.append({"type": "paused", "paused": self.stats.paused})
