@@ -117,16 +117,24 @@ fetch_repo() {  # fetch_repo LABEL REPO_ID DEST CHECK...
 
 # Single files that live in a sub-folder of a repo are downloaded to a staging folder and moved,
 # because --local-dir keeps the repo's sub-path (checkpoints/ode_init.pt).
-fetch_file() {  # fetch_file LABEL REPO_ID FILE_IN_REPO DEST_FILE
-  local label="$1" repo="$2" file="$3" dest="$4"
+# present_or_stage LABEL SOURCE DEST: says so and fails (status 1) when DEST is already there; else announces the
+# download and sets STAGING to DEST's staging name, a hidden sibling (a fixed name, so an interrupted download
+# resumes).
+present_or_stage() {
+  local label="$1" source="$2" dest="$3"
   if [[ -f "$dest" ]]; then
     echo "$label: already present at $dest"
-    return 0
+    return 1
   fi
-  echo "$label: downloading $repo/$file -> $dest"
-  # A fixed staging name lets an interrupted download resume from hf's metadata in that folder.
-  local staging
-  staging="$(dirname "$dest")/.download-$(basename "$dest")"
+  echo "$label: downloading $source -> $dest"
+  mkdir -p "$(dirname "$dest")"
+  STAGING="$(dirname "$dest")/.download-$(basename "$dest")"
+}
+
+fetch_file() {  # fetch_file LABEL REPO_ID FILE_IN_REPO DEST_FILE
+  local label="$1" repo="$2" file="$3" dest="$4" staging
+  present_or_stage "$label" "$repo/$file" "$dest" || return 0
+  staging="$STAGING"
   hf_download "$repo" "$staging" "$file"
   if [[ ! -f "$staging/$file" ]]; then
     echo "error: the download of $repo/$file finished but $staging/$file is missing" >&2
@@ -139,15 +147,9 @@ fetch_file() {  # fetch_file LABEL REPO_ID FILE_IN_REPO DEST_FILE
 # A plain file from a URL (not the Hub). Written under a hidden staging name and moved into place only when
 # complete and recognised, so an interrupted or failed download never leaves a file under the final name.
 fetch_url() {  # fetch_url LABEL URL DEST_FILE MUST_CONTAIN
-  local label="$1" url="$2" dest="$3" marker="$4"
-  if [[ -f "$dest" ]]; then
-    echo "$label: already present at $dest"
-    return 0
-  fi
-  echo "$label: downloading $url -> $dest"
-  mkdir -p "$(dirname "$dest")"
-  local staging cmd
-  staging="$(dirname "$dest")/.download-$(basename "$dest")"
+  local label="$1" url="$2" dest="$3" marker="$4" staging cmd
+  present_or_stage "$label" "$url" "$dest" || return 0
+  staging="$STAGING"
   if command -v curl >/dev/null 2>&1; then
     cmd=(curl -fsSL --retry 3 -o "$staging" "$url")
   elif command -v wget >/dev/null 2>&1; then

@@ -1,7 +1,8 @@
 """reward-forcing: streaming text-to-video with Reward Forcing (arXiv 2512.04678).
 
 Install torch first (``pip install torch==2.13.0`` on CPU, or the CUDA build you want), then
-``pip install -e ".[dev]"``. flash-attn is an optional extra that no default install pulls.
+``pip install -e .`` (training and generation), ``".[app]"`` (the web app), ``".[eval]"`` (the evaluation kit) or
+``".[dev]"`` (all of it and the tests). flash-attn is an optional extra that no default install pulls.
 """
 from pathlib import Path
 
@@ -14,6 +15,9 @@ requirements = [
     if line.split("#")[0].strip()
 ]
 
+APP = ["fastapi>=0.110", "uvicorn>=0.29", "websockets>=12"]
+EVAL = ["opencv-python-headless>=4.8", "matplotlib>=3.7"]
+
 setup(
     name="reward-forcing",
     version="0.1.0",
@@ -25,7 +29,12 @@ setup(
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={
-        "dev": ["pytest>=8", "httpx>=0.27"],  # httpx: FastAPI's TestClient
+        # python -m reward_forcing.serve (websockets: uvicorn's WebSocket protocol)
+        "app": APP,
+        # scripts/evaluate.py and reward_forcing.evaluation (OpenCV optical flow, colour statistics), report plots
+        "eval": EVAL,
+        # everything a newcomer needs, and the tests (httpx: FastAPI's TestClient)
+        "dev": [*APP, *EVAL, "pytest>=8", "httpx>=0.27"],
         # browser tests of the web app: the Playwright driver, run against the system chromium (apt install chromium)
         "browser": ["playwright>=1.40"],
         "wandb": ["wandb>=0.18"],

@@ -97,7 +97,7 @@ def build_inference_generator(cfg: Config, **kwargs) -> WanModel:
     """The generator for streaming inference: ``build_generator`` plus ``model.compile`` (mode, fallback)."""
     model = build_generator(cfg, **kwargs)
     if cfg.model.compile:
-        model.compile_blocks(cfg.model.compile_mode, fallback=cfg.model.compile_fallback)
+        model.compile_layers(cfg.model.compile_mode, fallback=cfg.model.compile_fallback)
     return model
 
 

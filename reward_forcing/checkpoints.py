@@ -7,7 +7,7 @@ Users arrive with files written by several programs, and every one of them must 
   ``diffusion_pytorch_model.safetensors.index.json``, as for the 14B) -- plain DiT keys
   (``blocks.0.self_attn.q.weight``).
 * The released student ``Reward-Forcing-T2V-1.3B/rewardforcing.pt``: a *flat* state dict of the
-  reference ``WanDiffusionWrapper``, so every key carries a ``model.`` prefix.
+  reference's DiT wrapper (docs/reference.md, Model), so every key carries a ``model.`` prefix.
 * Reference trainer checkpoints ``checkpoint_model_NNNNNN/model.pt``: ``{"generator", "critic"}`` plus
   ``"generator_ema"`` once EMA has started (step > 200). The EMA copy was read from the FSDP-wrapped
   module and may carry ``_fsdp_wrapped_module.`` (or compile / activation-checkpoint) name segments.
@@ -37,7 +37,7 @@ from .file_io import load_weights as _load_weights_strict
 
 __all__ = [
     "WAN_1_3B_DIR", "WAN_14B_DIR", "VIDEO_REWARD_DIR", "VIDEO_REWARD_ALIASES", "VIDEOALIGN_COMMIT",
-    "VIDEO_REWARD_TEMPLATE", "VIDEO_REWARD_TEMPLATE_URL", "ODE_INIT",
+    "VIDEO_REWARD_TEMPLATE", "VIDEO_REWARD_TEMPLATE_URL",
     "RELEASED_GENERATOR", "WAN_VAE", "WAN_T5", "WAN_TOKENIZER", "DIT_CONFIG", "DIT_SAFETENSORS",
     "DIT_SAFETENSORS_INDEX", "DIT_NUM_KEYS", "ASSETS", "Asset",
     "read_state_dict", "select_generator_weights", "load_generator_state_dict",
@@ -62,7 +62,6 @@ VIDEOALIGN_COMMIT = "219ab9db64c045e5181a2202d11f686439351292"
 VIDEO_REWARD_TEMPLATE = "prompt_template.py"
 VIDEO_REWARD_TEMPLATE_URL = (f"https://raw.githubusercontent.com/KwaiVGI/VideoAlign/{VIDEOALIGN_COMMIT}/"
                              f"{VIDEO_REWARD_TEMPLATE}")
-ODE_INIT = "ode_init.pt"
 RELEASED_GENERATOR = "Reward-Forcing-T2V-1.3B/rewardforcing.pt"
 # Files inside a Wan2.1-T2V-* folder.
 WAN_VAE = "Wan2.1_VAE.pth"
@@ -94,14 +93,10 @@ class Asset:
 
 ASSETS: dict[str, Asset] = {
     "wan_1_3b": Asset(WAN_1_3B_DIR, "Wan2.1-T2V-1.3B base weights folder"),
-    "wan_1_3b_dit": Asset(f"{WAN_1_3B_DIR}/{DIT_SAFETENSORS}", "Wan2.1-T2V-1.3B DiT weights"),
     "vae": Asset(f"{WAN_1_3B_DIR}/{WAN_VAE}", "Wan2.1 VAE weights"),
-    "t5": Asset(f"{WAN_1_3B_DIR}/{WAN_T5}", "umt5-xxl text encoder weights"),
     "tokenizer": Asset(f"{WAN_1_3B_DIR}/{WAN_TOKENIZER}", "umt5-xxl tokenizer folder"),
     "released_generator": Asset(RELEASED_GENERATOR, "released Reward Forcing generator (rewardforcing.pt)"),
-    "wan_14b": Asset(WAN_14B_DIR, "Wan2.1-T2V-14B teacher weights folder", train_only=True),
     "video_reward": Asset(VIDEO_REWARD_DIR, "VideoReward reward model folder", train_only=True),
-    "ode_init": Asset(ODE_INIT, "ODE-initialised student (ode_init.pt)", train_only=True),
 }
 
 
@@ -397,7 +392,7 @@ def export_reference_checkpoint(path: str | os.PathLike, generator_sd: Mapping[s
                                 generator_ema_sd: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write a reference-format trainer checkpoint ``{"generator", "critic", "generator_ema"}``.
 
-    Every key gets the ``model.`` prefix of the reference ``WanDiffusionWrapper`` (after removing
+    Every key gets the ``model.`` prefix of the reference's DiT wrapper (after removing
     any prefix / wrapper segments it already had), so the file loads both here
     (``load_generator_state_dict(path, use_ema=...)``) and in reference tooling. Entries passed as
     None are left out, as the reference does for ``generator_ema`` before EMA starts.

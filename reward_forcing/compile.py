@@ -1,6 +1,6 @@
-"""What entry points need around ``WanModel.compile_blocks``: dynamo's own counters, and the on-disk cache.
+"""What entry points need around ``WanModel.compile_layers``: dynamo's own counters, and the on-disk cache.
 
-``WanModel.compile_blocks`` compiles one block call that every layer goes through (see its docstring for the
+``WanModel.compile_layers`` compiles one block call that every layer goes through (see its docstring for the
 number of graphs). Compiling is slow on a cold start (minutes on a CPU for the 1.3B model) and fast on a warm
 one: inductor keeps what it compiled (generated code, compiled kernels, AOTAutograd graphs) in its on-disk
 cache, keyed by the graph and the compiler settings, and a later process with the same config loads it
@@ -30,7 +30,7 @@ class CompileCounters:
     """
 
     graphs: int = 0  # graphs dynamo captured and handed to the backend
-    graph_breaks: int = 0  # places dynamo had to split a graph (compile_blocks makes these errors)
+    graph_breaks: int = 0  # places dynamo had to split a graph (compile_layers makes these errors)
     cache_hits: int = 0  # graphs inductor loaded from its on-disk cache (warm start)
     cache_misses: int = 0  # graphs inductor generated and compiled from scratch (cold start)
 

@@ -142,8 +142,8 @@ class PromptSampler(Generic[T]):
     def _epoch_indices(self) -> list[int]:
         n = len(self.items)
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=gen).tolist()
+            rng = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=rng).tolist()
         else:
             order = list(range(n))
         left = order[self.start:]
@@ -221,8 +221,8 @@ def toy_videos(num_frames: int, seed: int = 0, any_fast: float = 0.5) -> LatentV
     ``any_fast``: the probability that an ``any`` clip is fast (0.5 in the world; other values resample it)."""
     from .toy import ToyWorld, all_prompts
 
-    world, generator = ToyWorld(any_fast=any_fast), torch.Generator().manual_seed(seed)
-    return LatentVideos(all_prompts(), lambda prompts: (world.render(prompts, num_frames, generator)[0], prompts))
+    world, rng = ToyWorld(any_fast=any_fast), torch.Generator().manual_seed(seed)
+    return LatentVideos(all_prompts(), lambda prompts: (world.render(prompts, num_frames, rng)[0], prompts))
 
 
 def latent_folder(path: str | os.PathLike) -> LatentVideos:

@@ -33,8 +33,8 @@ PhaseHook = Callable[[str], None]
 
 def cpu_gaussian(seed: int) -> NoiseSource:
     """``shape -> N(0, I)`` drawn on a seeded CPU generator, so a seed gives the same video on every device."""
-    generator = torch.Generator().manual_seed(seed)
-    return lambda shape: torch.randn(shape, generator=generator)
+    rng = torch.Generator().manual_seed(seed)
+    return lambda shape: torch.randn(shape, generator=rng)
 
 
 def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -5,7 +5,7 @@ Conventions (the whole project uses them):
   * ``x_t = (1 - sigma) * x0 + sigma * noise`` and the DiT predicts the flow ``v = noise - x0``,
     so ``x0 = x_t - sigma * v``.
 
-The grid reproduces the reference ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True)`` after
+The grid reproduces the reference's flow-matching scheduler (docs/reference.md, Scheduler) after
 ``set_timesteps(1000, training=True)`` bit for bit (float32): ``s_i = 1 - i/1000`` and
 ``sigma_i = shift * s_i / (1 + (shift - 1) * s_i)``. Every lookup snaps a timestep to the *nearest grid
 point*, which is what the reference does and why ``t = 0`` noises with sigma = 0.00498 (the last grid point),
@@ -127,8 +127,8 @@ def sample_training_timesteps(
     max_t: float = 980.0,
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
     device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DMD / critic timesteps: uniform integers in [0, T), shifted, clamped to [min_t, max_t] (float32)."""
-    raw = torch.randint(0, num_train_timesteps, tuple(shape), device=device, generator=generator)
+    raw = torch.randint(0, num_train_timesteps, tuple(shape), device=device, generator=rng)
     return shift_timestep(raw, shift, num_train_timesteps).clamp(min_t, max_t)

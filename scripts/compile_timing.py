@@ -80,9 +80,9 @@ def measure(args) -> dict:
     model.rope.precision = getattr(torch, args.rope_precision)
     schedule = FlowMatchSchedule(5.0)
     denoiser = BlockDenoiser(model, schedule, schedule.warp([1000.0, 750.0, 500.0, 250.0]))
-    gen = torch.Generator().manual_seed(0)
-    text = model.prepare_context(torch.randn(1, 32, model.config.text_dim, generator=gen).to(device, dtype))
-    noise = torch.randn(1, args.frames, 16, args.height, args.width, generator=gen).to(device, dtype)
+    rng = torch.Generator().manual_seed(0)
+    text = model.prepare_context(torch.randn(1, 32, model.config.text_dim, generator=rng).to(device, dtype))
+    noise = torch.randn(1, args.frames, 16, args.height, args.width, generator=rng).to(device, dtype)
     cache = model.new_kv_cache(1, args.height, args.width)
 
     def sync():
@@ -98,21 +98,21 @@ def measure(args) -> dict:
             for s in range(0, args.frames, 3):
                 t0 = time.perf_counter()
                 denoiser.denoise_block(noise[:, s:s + 3], text, cache, s,
-                                       lambda shape: torch.randn(shape, generator=gen))
+                                       lambda shape: torch.randn(shape, generator=rng))
                 sync()
                 blocks.append(time.perf_counter() - t0)
         return time.perf_counter() - start, blocks
 
     stream()  # eager warm-up: allocations, memoised tables, lazy initialisation
     before = CompileCounters.read()
-    model.compile_blocks(args.mode)
+    model.compile_layers(args.mode)
     first_s, _ = stream()
     compiled_first = CompileCounters.read() - before
     eager_blocks, compiled_blocks, compiled_walls = [], [], []
     for _ in range(args.pairs):
-        model.uncompile_blocks()
+        model.uncompile_layers()
         eager_blocks += stream()[1][2:]  # blocks 2+ attend to a full 9-frame window
-        model.compile_blocks(args.mode)
+        model.compile_layers(args.mode)
         wall, blocks = stream()
         compiled_walls.append(wall)
         compiled_blocks += blocks[2:]

@@ -33,6 +33,13 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from reward_forcing.extras import MissingExtra, require  # noqa: E402
+
+try:
+    require("eval", "scripts/evaluate.py")
+except MissingExtra as err:
+    sys.exit(f"error: {err}")
+
 from reward_forcing.evaluation import protocol as proto  # noqa: E402
 from reward_forcing.evaluation.metrics import MetricConfig  # noqa: E402
 from reward_forcing.evaluation.report import find_run_dir, load_run, write_report  # noqa: E402

@@ -30,6 +30,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from reward_forcing.extras import MissingExtra, require  # noqa: E402
+
+try:
+    require("eval", "scripts/toy_world.py (its report plots)")
+except MissingExtra as err:
+    sys.exit(f"error: {err}")
+
 from reward_forcing.build import build_dit, build_pipeline, build_text_encoder  # noqa: E402
 from reward_forcing.config import load_config  # noqa: E402
 from reward_forcing.toy import evaluate as ev  # noqa: E402

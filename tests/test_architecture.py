@@ -2,6 +2,8 @@
 points to a lower layer, or stays inside its own sub-package. A new module must be given a layer here and in
 docs/architecture.md, so the map stays true."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ LAYERS = {
     "reward_forcing.models.kv_cache": 0,
     "reward_forcing.file_io": 0,  # torch / stdlib only: reading weights, strict loading, atomic writes
     "reward_forcing.interfaces": 0,  # the pluggable parts as typing.Protocols, and the Registry
+    "reward_forcing.extras": 0,  # optional dependency groups ([app], [eval]) and the one-line error
     "reward_forcing.models": 1,  # every other model: tensors, own config dataclasses, file paths
     "reward_forcing.schedule": 1,
     "reward_forcing.toy": 1,  # the toy world: data, word-table text encoder, motion reward, exact metrics
@@ -190,3 +193,24 @@ def test_the_session_reads_only_what_streaming_models_define():
                                                     if isinstance(e, ast.Attribute)}
     defined = {name for name in dir(StreamingModels) if not name.startswith("__")} | assigned
     assert used and used <= defined, f"the session reads {sorted(used - defined)}, which StreamingModels lacks"
+
+
+def test_importing_the_pipeline_loads_no_higher_layer():
+    """The pipeline stands on interactive.session; importing it must not run the start-media readers (layer 8,
+    through interactive/__init__) nor any optional extra."""
+    code = ("import sys, reward_forcing.pipeline, reward_forcing.build; "
+            "print(sorted(m for m in sys.modules if m in ('reward_forcing.interactive.media', 'fastapi', 'cv2', "
+            "'matplotlib', 'reward_forcing.training', 'reward_forcing.evaluation', 'reward_forcing.serve.app')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_missing_extra_is_one_line_with_the_install_command(monkeypatch):
+    from reward_forcing import extras
+
+    monkeypatch.setattr(extras.importlib.util, "find_spec", lambda name: None if name == "cv2" else object())
+    with pytest.raises(extras.MissingExtra) as err:
+        extras.require("eval", "the evaluation kit")
+    assert str(err.value) == ('the evaluation kit needs opencv-python-headless: pip install -e ".[eval]" (or pip '
+                              'install "reward-forcing[eval]")')
+    extras.require("app", "the web app")  # present: nothing raised

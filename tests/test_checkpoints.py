@@ -308,7 +308,7 @@ def test_export_copies_views_only(tmp_path):
 # -------------------------------------------------------------------------------------------- paths
 def test_layout_constants():
     assert ck.WAN_1_3B_DIR == "Wan2.1-T2V-1.3B" and ck.WAN_14B_DIR == "Wan2.1-T2V-14B"
-    assert ck.VIDEO_REWARD_DIR == "VideoReward" and ck.ODE_INIT == "ode_init.pt"
+    assert ck.VIDEO_REWARD_DIR == "VideoReward"
     assert ck.RELEASED_GENERATOR == "Reward-Forcing-T2V-1.3B/rewardforcing.pt"
     assert ck.WAN_VAE == "Wan2.1_VAE.pth" and ck.WAN_T5 == "models_t5_umt5-xxl-enc-bf16.pth"
     assert ck.WAN_TOKENIZER == "google/umt5-xxl"
@@ -323,7 +323,7 @@ def test_missing_paths_explain_how_to_download(tmp_path):
         ck.require_file(tmp_path / "Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B base weights")
     assert "Wan2.1-T2V-1.3B base weights" in str(e.value) and "`bash download_checkpoints.sh`" in str(e.value)
     with pytest.raises(FileNotFoundError, match="--train"):
-        ck.asset_path(tmp_path, "ode_init")
+        ck.asset_path(tmp_path, "video_reward")
     with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth"):
         ck.asset_path(tmp_path, "vae")
     assert ck.asset_path(tmp_path, "vae", must_exist=False) == tmp_path / "Wan2.1-T2V-1.3B" / "Wan2.1_VAE.pth"
@@ -431,8 +431,9 @@ def test_download_script_inference_then_train_idempotent(tmp_path):
     ]
     root = tmp_path / "checkpoints"
     assert (root / ck.RELEASED_GENERATOR).is_file()
-    for name in ("vae", "t5", "tokenizer", "wan_1_3b_dit"):
+    for name in ("vae", "tokenizer"):
         assert ck.asset_path(root, name).exists()
+    assert (root / ck.WAN_1_3B_DIR / ck.DIT_SAFETENSORS).is_file() and (root / ck.WAN_1_3B_DIR / ck.WAN_T5).is_file()
 
     (tmp_path / "calls.log").unlink()
     r = _run_script(tmp_path)
@@ -446,12 +447,12 @@ def test_download_script_inference_then_train_idempotent(tmp_path):
     assert calls[2].startswith("hf download gdhe17/Self-Forcing checkpoints/ode_init.pt --local-dir checkpoints/")
     assert calls[3].startswith("hf download gdhe17/Self-Forcing vidprom_filtered_extended.txt --local-dir prompts/")
     assert len(calls) == 4
-    assert (root / ck.ODE_INIT).read_text() == "x\n"
+    assert (root / "ode_init.pt").read_text() == "x\n"
     assert (tmp_path / "prompts" / "vidprom_filtered_extended.txt").is_file()
     assert ck.find_video_reward_dir(root) == root / ck.VIDEO_REWARD_DIR
     # Staging folders are cleaned up; only the expected names remain.
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        [ck.WAN_1_3B_DIR, ck.WAN_14B_DIR, ck.VIDEO_REWARD_DIR, "Reward-Forcing-T2V-1.3B", ck.ODE_INIT])
+        [ck.WAN_1_3B_DIR, ck.WAN_14B_DIR, ck.VIDEO_REWARD_DIR, "Reward-Forcing-T2V-1.3B", "ode_init.pt"])
 
     (tmp_path / "calls.log").unlink()
     r = _run_script(tmp_path, "--train")

@@ -1,4 +1,4 @@
-"""torch.compile of the Wan blocks (``WanModel.compile_blocks``): one compiled graph serves all layers.
+"""torch.compile of the Wan blocks (``WanModel.compile_layers``): one compiled graph serves all layers.
 
 Graph counts are dynamo's: what it hands to the backend, read both from a counting backend and from
 ``torch._dynamo.utils.counters``. The counting backend runs each captured graph as captured (like dynamo's
@@ -49,7 +49,7 @@ class CountingBackend:
 
 @pytest.fixture(autouse=True)
 def dynamo_settings_untouched():
-    """No test here may leave a process-wide dynamo setting changed (compile_blocks must not change any)."""
+    """No test here may leave a process-wide dynamo setting changed (compile_layers must not change any)."""
     before = torch._dynamo.config.get_config_copy()
     yield
     assert torch._dynamo.config.get_config_copy() == before
@@ -81,11 +81,11 @@ def stream(model, seed=0, cache=None, loop_guard=contextlib.nullcontext):
 def test_one_graph_per_window_length_serves_all_layers_and_calls(deep_model):
     eager, _ = stream(deep_model)
     backend, before = CountingBackend(), CompileCounters.read()
-    deep_model.compile_blocks(backend=backend)
+    deep_model.compile_layers(backend=backend)
     try:
         compiled, cache = stream(deep_model)
     finally:
-        deep_model.uncompile_blocks()
+        deep_model.uncompile_layers()
     counts = CompileCounters.read() - before
     assert len(backend.graphs) == counts.graphs == 3  # window of 3, 6, 9 frames
     assert counts.graph_breaks == 0
@@ -118,11 +118,11 @@ def test_teacher_critic_and_block_causal_passes_make_one_graph(deep_model, mode)
 
     eager = run()
     backend, before = CountingBackend(), CompileCounters.read()
-    deep_model.compile_blocks(backend=backend)
+    deep_model.compile_layers(backend=backend)
     try:
         compiled = run()
     finally:
-        deep_model.uncompile_blocks()
+        deep_model.uncompile_layers()
     assert len(backend.graphs) == (CompileCounters.read() - before).graphs == 1
     assert (CompileCounters.read() - before).graph_breaks == 0
     assert len(backend.calls) == 2 * LAYERS
@@ -138,16 +138,16 @@ def test_failed_compile_raises_unless_eager_fallback_is_asked_for():
 
     with torch.no_grad():
         eager = model(x, t, context)
-        model.compile_blocks(backend=broken_backend)
+        model.compile_layers(backend=broken_backend)
         with pytest.raises(Exception, match="no kernel for this graph"):
             model(x, t, context)
-        model.compile_blocks(backend=broken_backend, fallback="eager")
+        model.compile_layers(backend=broken_backend, fallback="eager")
         with pytest.warns(RuntimeWarning, match="no kernel for this graph"):  # the warning names the cause
             fallen_back = model(x, t, context)
-    assert not model.blocks_compiled and len(model.compile_failures) == 1
+    assert not model.layers_compiled and len(model.compile_failures) == 1
     assert torch.equal(fallen_back, eager)
     with pytest.raises(ValueError, match="compile fallback 'retry'"):
-        model.compile_blocks(fallback="retry")
+        model.compile_layers(fallback="retry")
 
 
 class HostSyncError(AssertionError):

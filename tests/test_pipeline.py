@@ -1,4 +1,6 @@
-"""StreamingPipeline: golden replay with injected noise, streaming == generate, cache reuse, batches."""
+"""StreamingPipeline: golden replay with injected noise, streaming == generate, cache ownership, batches."""
+import contextlib
+
 import pytest
 import torch
 
@@ -94,14 +96,10 @@ def test_batch_equals_individual_runs():
         assert (one - both[i:i + 1]).abs().max() <= 1e-5
 
 
-def test_each_block_is_four_warped_steps_then_a_context_pass():
-    """Per block: the generator is called at 1000, 937.5, 833.33, 625, then once at t=0 on the clean block."""
-    model = init_random_(WanModel.from_flavor("tiny"), seed=2).eval()
-    pipe = StreamingPipeline(model, None, None)
-    ctx, noise = torch.randn(1, 5, 32), torch.randn(1, 6, 16, 4, 6)
-    _, with_ctx = pipe.generate(context=ctx, num_frames=6, height=32, width=48, noise=noise, seed=1, decode=False)
-    calls = []
-    original = model.forward
+@contextlib.contextmanager
+def timesteps_of_calls(model):
+    """Record the timestep of every generator call made inside the block."""
+    calls, original = [], model.forward
 
     def spy(x, t, *args, **kwargs):
         calls.append(float(t.flatten()[0]))
@@ -109,33 +107,32 @@ def test_each_block_is_four_warped_steps_then_a_context_pass():
 
     model.forward = spy
     try:
-        pipe.generate(context=ctx, num_frames=6, height=32, width=48, noise=noise, seed=1, decode=False)
+        yield calls
     finally:
         del model.forward
+
+
+def test_each_block_is_four_warped_steps_then_a_context_pass():
+    """Per block: the generator is called at 1000, 937.5, 833.33, 625, then once at t=0 on the clean block."""
+    model = init_random_(WanModel.from_flavor("tiny"), seed=2).eval()
+    pipe = StreamingPipeline(model, None, None)
+    ctx, noise = torch.randn(1, 5, 32), torch.randn(1, 6, 16, 4, 6)
+    with timesteps_of_calls(model) as calls:
+        _, latents = pipe.generate(context=ctx, num_frames=6, height=32, width=48, noise=noise, seed=1, decode=False)
     assert calls == [1000.0, 937.5, 833.3333129882812, 625.0, 0.0] * 2
-    assert with_ctx.shape == (1, 6, 16, 4, 6)
+    assert latents.shape == (1, 6, 16, 4, 6)
 
 
 def test_without_the_context_pass_the_cache_keeps_the_last_step():
     """schedule.context_pass=false: 4 calls per block; block 0 is unchanged, later blocks see other keys."""
     model = init_random_(WanModel.from_flavor("tiny"), seed=2).eval()
     ctx, noise = torch.randn(1, 5, 32), torch.randn(1, 6, 16, 4, 6)
-    latents, calls = {}, []
-    original = model.forward
-
-    def spy(x, t, *args, **kwargs):
-        calls.append(float(t.flatten()[0]))
-        return original(x, t, *args, **kwargs)
-
-    model.forward = spy
-    try:
-        for context_pass in (True, False):
-            calls.clear()
-            pipe = StreamingPipeline(model, None, None, StreamSettings(context_pass=context_pass))
+    latents = {}
+    for context_pass in (True, False):
+        pipe = StreamingPipeline(model, None, None, StreamSettings(context_pass=context_pass))
+        with timesteps_of_calls(model) as calls:
             _, latents[context_pass] = pipe.generate(context=ctx, num_frames=6, height=32, width=48, noise=noise,
                                                      seed=1, decode=False)
-    finally:
-        del model.forward
     assert calls == [1000.0, 937.5, 833.3333129882812, 625.0] * 2
     assert torch.equal(latents[True][:, :3], latents[False][:, :3])
     assert not torch.allclose(latents[True][:, 3:], latents[False][:, 3:])

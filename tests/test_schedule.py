@@ -70,7 +70,7 @@ def test_training_timestep_shift_and_clamp(examples):
     mapped = shift_timestep(raw, 5.0).clamp(20, 980)
     assert torch.equal(mapped, examples["dmd_timestep.shifted_clamped"])
     assert int((mapped == 980).sum()) == 92 and int((mapped == 20).sum()) == 5
-    drawn = sample_training_timesteps((4000,), generator=torch.Generator().manual_seed(0))
+    drawn = sample_training_timesteps((4000,), rng=torch.Generator().manual_seed(0))
     assert drawn.dtype == torch.float32 and drawn.min() >= 20 and drawn.max() <= 980
 
 

@@ -286,11 +286,11 @@ def test_compiled_blocks_equal_eager(random_tiny):
     eager = run()
     before = CompileCounters.read()
     try:
-        random_tiny.compile_blocks()
+        random_tiny.compile_layers()
         compiled = run()
-        assert random_tiny.blocks_compiled and not random_tiny.compile_failures
+        assert random_tiny.layers_compiled and not random_tiny.compile_failures
     finally:
-        random_tiny.uncompile_blocks()
+        random_tiny.uncompile_layers()
     counts = CompileCounters.read() - before
     assert counts.graphs == 2 and counts.graph_breaks == 0
     assert not torch._dynamo.config.suppress_errors and torch._dynamo.config.get_config_copy() == settings

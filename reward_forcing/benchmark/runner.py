@@ -64,7 +64,7 @@ def run_streaming_benchmark(args: argparse.Namespace) -> dict:
     memory = PeakMemory(device)
     cfg = args.cfg
     if cfg.model.compile and args.compile_cache_dir:
-        set_compile_cache_dir(args.compile_cache_dir)  # before anything compiles (compile_blocks is lazy)
+        set_compile_cache_dir(args.compile_cache_dir)  # before anything compiles (compile_layers is lazy)
 
     pipe = build_benchmark_pipeline(cfg, text_encoder=args.text_encoder != "none", device=device, dtype=dtype)
     generator, text_encoder = pipe.generator, pipe.text_encoder

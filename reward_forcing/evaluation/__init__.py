@@ -7,11 +7,15 @@
 * ``report``: side-by-side tables, plots and a self-contained HTML report;
 * ``protocol``: the ``configs/eval/*.yaml`` protocols (generation with inference.py, then scoring).
 
-Nothing here imports ``reward_forcing.training``.
+Nothing here imports ``reward_forcing.training``. Needs the ``eval`` extra (``pip install -e ".[eval]"``).
 """
-from .metrics import MetricConfig, VideoScores, score_frames
-from .runner import RunResult, ScoringOptions, evaluate_videos
-from .videos import VideoEntry, VideoReadError, describe_videos, list_videos, read_video
+from ..extras import require
+
+require("eval", "the evaluation kit (reward_forcing.evaluation)")
+
+from .metrics import MetricConfig, VideoScores, score_frames  # noqa: E402
+from .runner import RunResult, ScoringOptions, evaluate_videos  # noqa: E402
+from .videos import VideoEntry, VideoReadError, describe_videos, list_videos, read_video  # noqa: E402
 
 __all__ = ["MetricConfig", "VideoScores", "score_frames", "ScoringOptions", "RunResult", "evaluate_videos",
            "VideoEntry", "VideoReadError", "describe_videos", "list_videos", "read_video"]

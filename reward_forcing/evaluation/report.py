@@ -17,16 +17,15 @@ import html
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .metrics import WINDOW_METRICS
-from .runner import SUMMARY_ORDER, clean_number
+from .runner import SUMMARY_ORDER, RunResult, clean_number
 
-__all__ = ["Run", "load_run", "find_run_dir", "write_report", "comparison_markdown", "TIME_METRICS",
+__all__ = ["load_run", "find_run_dir", "write_report", "comparison_markdown", "TIME_METRICS",
            "HISTOGRAM_METRICS"]
 
 # Plotted per window over time (absolute colour statistics are left to the CSV; their drift is plotted).
@@ -36,17 +35,6 @@ HISTOGRAM_METRICS = ("frame_diff", "flow_mean", "flow_top5", "temporal_flickerin
                      "first_frame_copy", "hist_drift", "luma_drift", "VQ", "MQ", "TA")
 # Columns of the side-by-side per-video table.
 VIDEO_COLUMNS = ("flow_mean", "dynamic", "seam_ratio", "first_frame_copy", "hist_drift", "VQ", "MQ", "TA")
-
-
-@dataclass
-class Run:
-    """A scored run as read back from its output folder."""
-
-    label: str
-    folder: Path
-    videos: list[dict[str, Any]]
-    windows: list[dict[str, Any]]
-    summary: dict[str, Any]
 
 
 def find_run_dir(path: str | os.PathLike) -> Path | None:
@@ -64,15 +52,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def load_run(folder: str | os.PathLike, label: str | None = None) -> Run:
+def load_run(folder: str | os.PathLike, label: str | None = None) -> RunResult:
     """Read a run written by ``evaluate_videos``. Raises FileNotFoundError when ``folder`` holds none."""
     found = find_run_dir(folder)
     if found is None:
         raise FileNotFoundError(f"'{folder}' holds no evaluation results (summary.json + videos.jsonl); score it "
                                 f"first with `python scripts/evaluate.py {folder}`")
     summary = json.loads((found / "summary.json").read_text(encoding="utf-8"))
-    return Run(label or summary.get("run") or found.name, found, _read_jsonl(found / "videos.jsonl"),
-               _read_jsonl(found / "windows.jsonl"), summary)
+    return RunResult(label or summary.get("run") or found.name, found, _read_jsonl(found / "videos.jsonl"),
+                     _read_jsonl(found / "windows.jsonl"), failures=[], notes=[], summary=summary)
 
 
 def _num(value: Any) -> float:
@@ -84,13 +72,13 @@ def _fmt(value: float) -> str:
     return "-" if not math.isfinite(value) else (f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}")
 
 
-def _metric_names(runs: list[Run]) -> list[str]:
+def _metric_names(runs: list[RunResult]) -> list[str]:
     seen = {name for run in runs for name in run.summary.get("metrics", {})}
     order = {name: i for i, name in enumerate(SUMMARY_ORDER)}
     return sorted(seen, key=lambda n: (order.get(n, len(order)), n))
 
 
-def comparison_markdown(runs: list[Run]) -> str:
+def comparison_markdown(runs: list[RunResult]) -> str:
     """Summary means (± std) of every run side by side, one column per run."""
     names = _metric_names(runs)
     lines = ["| metric | " + " | ".join(r.label for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
@@ -106,7 +94,7 @@ def comparison_markdown(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_comparison_csv(runs: list[Run], path: Path) -> None:
+def _write_comparison_csv(runs: list[RunResult], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["metric", "statistic"] + [r.label for r in runs])
@@ -116,14 +104,14 @@ def _write_comparison_csv(runs: list[Run], path: Path) -> None:
                                                 for run in runs])
 
 
-def _video_names(runs: list[Run]) -> list[str]:
+def _video_names(runs: list[RunResult]) -> list[str]:
     names: dict[str, None] = {}
     for run in runs:
         names.update(dict.fromkeys(v["video"] for v in run.videos))
     return sorted(names)
 
 
-def _write_videos_csv(runs: list[Run], path: Path) -> None:
+def _write_videos_csv(runs: list[RunResult], path: Path) -> None:
     by_run = [{v["video"]: v for v in run.videos} for run in runs]
     metrics = [m for m in SUMMARY_ORDER if m != "dynamic_degree"] + ["dynamic"]
     metrics = [m for m in metrics if any(m in v for run in runs for v in run.videos)]
@@ -161,7 +149,7 @@ def _new_grid(n: int):
     return plt, fig, axes
 
 
-def plot_over_time(runs: list[Run], path: Path) -> bool:
+def plot_over_time(runs: list[RunResult], path: Path) -> bool:
     """Mean over videos of each per-window metric against window start time; one line per run."""
     metrics = [m for m in TIME_METRICS if any(_num(w.get(m)) == _num(w.get(m)) for r in runs for w in r.windows)]
     if not metrics:
@@ -191,7 +179,7 @@ def plot_over_time(runs: list[Run], path: Path) -> bool:
     return _save_grid(plt, fig, axes, len(metrics), "Per-window metrics over time (mean ± std over videos)", path)
 
 
-def plot_histograms(runs: list[Run], path: Path) -> bool:
+def plot_histograms(runs: list[RunResult], path: Path) -> bool:
     """Distribution of each per-video metric over the videos; one colour per run, shared bins."""
     metrics = []
     for m in HISTOGRAM_METRICS:
@@ -250,7 +238,7 @@ def _img(data: bytes, alt: str, cls: str = "") -> str:
     return f'<img{klass} alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
-def _summary_html(runs: list[Run]) -> str:
+def _summary_html(runs: list[RunResult]) -> str:
     head = "".join(f"<th>{html.escape(r.label)}</th>" for r in runs)
     rows = []
     for name in _metric_names(runs):
@@ -267,7 +255,7 @@ def _summary_html(runs: list[Run]) -> str:
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
 
 
-def _videos_html(runs: list[Run], names: list[str]) -> str:
+def _videos_html(runs: list[RunResult], names: list[str]) -> str:
     by_run = [{v["video"]: v for v in run.videos} for run in runs]
     columns = [c for c in VIDEO_COLUMNS if any(c in v for d in by_run for v in d.values())]
     head = "".join(f"<th>{html.escape(c)}@{html.escape(r.label)}</th>" for c in columns for r in runs)
@@ -278,14 +266,14 @@ def _videos_html(runs: list[Run], names: list[str]) -> str:
     return f"<div class=scroll><table><tr><th>video</th>{head}</tr>{''.join(rows)}</table></div>"
 
 
-def _strips_html(runs: list[Run], names: list[str]) -> str:
+def _strips_html(runs: list[RunResult], names: list[str]) -> str:
     by_run = [{v["video"]: v for v in run.videos} for run in runs]
     blocks = []
     for name in names:
         prompt = next((d[name].get("prompt", "") for d in by_run if name in d), "")
         cells = []
         for run in runs:
-            strip = run.folder / "strips" / f"{Path(name).stem}.png"
+            strip = run.output_dir / "strips" / f"{Path(name).stem}.png"
             image = _img(strip.read_bytes(), f"{run.label}: {name}", "strip") if strip.is_file() else "(none)"
             cells.append(f"<tr><td>{html.escape(run.label)}</td><td class=scroll>{image}</td></tr>")
         blocks.append(f"<h3>{html.escape(name)}</h3><p class=small>{html.escape(prompt)}</p>"
@@ -293,7 +281,7 @@ def _strips_html(runs: list[Run], names: list[str]) -> str:
     return "".join(blocks)
 
 
-def write_report(runs: list[Run], output_dir: str | os.PathLike, *, max_videos: int = 24,
+def write_report(runs: list[RunResult], output_dir: str | os.PathLike, *, max_videos: int = 24,
                  title: str | None = None) -> Path:
     """Write the comparison tables, the two plots and ``report.html`` for ``runs``; returns the HTML path."""
     if not runs:
@@ -315,7 +303,7 @@ def write_report(runs: list[Run], output_dir: str | os.PathLike, *, max_videos: 
     parts = [f"<!DOCTYPE html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              "<p class=small>Metric definitions: docs/evaluation.md. Runs: "
-             + ", ".join(f"{html.escape(r.label)} ({html.escape(str(r.folder))})" for r in runs) + "</p>",
+             + ", ".join(f"{html.escape(r.label)} ({html.escape(str(r.output_dir))})" for r in runs) + "</p>",
              "<h2>Summary (mean ± std over videos)</h2>", _summary_html(runs)]
     for caption, data in plots:
         parts += [f"<h2>{caption}</h2>", _img(data, caption)]

@@ -66,6 +66,9 @@ class ScoringOptions:
 
 @dataclass
 class RunResult:
+    """A scored run: as produced by :func:`evaluate_videos`, or read back by ``report.load_run`` (whose failures
+    and notes are empty: only the records are kept on disk)."""
+
     label: str
     output_dir: Path
     videos: list[dict[str, Any]]

@@ -46,13 +46,12 @@ def video_reward_scorer(config_path: str | os.PathLike, *, overrides: Sequence[s
     """
     import torch
 
-    from reward_forcing.build import build_reward
+    from reward_forcing.build import build_reward, resolve_device, resolve_dtype
     from reward_forcing.config import load_config
 
     cfg = load_config(config_path, list(overrides))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    device = resolve_device(device)
+    dtype = resolve_dtype("auto", device)
     try:
         model = build_reward(cfg, device=device, dtype=dtype)
     except FileNotFoundError as err:
@@ -91,8 +90,9 @@ def run_vbench(entries: Sequence, dimensions: Sequence[str], work_dir: str | os.
     then dropped). Returns ``(per-video {video name: {"vbench_<dim>": score}}, VBench's averages
     {"vbench_<dim>": score})``. Raises ScorerUnavailable when ``vbench`` is not installed.
     """
+    from reward_forcing.build import resolve_device
+
     try:
-        import torch
         from vbench import VBench
     except ImportError as err:
         raise ScorerUnavailable(f"VBench dimensions skipped: the optional package `vbench` is not importable "
@@ -125,8 +125,7 @@ def run_vbench(entries: Sequence, dimensions: Sequence[str], work_dir: str | os.
         dims = [d for d in dims if d not in needs_metadata]
     if not dims:
         return {}, {}
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    bench = VBench(torch.device(device), str(full_info), str(work_dir))
+    bench = VBench(resolve_device(device), str(full_info), str(work_dir))
     kwargs = {} if standard else {"mode": "custom_input",
                                   "prompt_list": {name: e.prompt for name, e in
                                                   zip(links, entries)}}

@@ -13,7 +13,7 @@ Slots (frames)
 The first ``S`` slots are the **sink** and hold frames ``0..S-1`` (the sink is initialised from the first
 frames written, as in the reference). The remaining ``W = capacity - S`` slots are a **ring**: frame ``a >= S``
 lives in slot ``S + (a - S) % W``. A new chunk therefore overwrites exactly the oldest non-sink frames - the
-frames the reference evicts by rolling its buffer (docs/reference.md, Causal KV cache; fixed in 4317f5a) - without
+frames the reference evicts by rolling its buffer (docs/reference.md, Causal KV cache) - without
 copying the window. Attention does not depend on key order, so keys are read in slot order and each slot gets
 the RoPE position of its frame's *rank* among the frames held (sink first, then the window oldest to newest);
 queries get the last positions. This equals the reference's "keys 0..n-1 in buffer order, queries n-N..n-1".

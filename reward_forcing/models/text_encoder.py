@@ -157,22 +157,17 @@ class TextEncoder(torch.nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_wan_folder(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-                        device: str | torch.device = "cpu", state_dict: dict[str, torch.Tensor] | None = None
-                        ) -> "TextEncoder":
+                        device: str | torch.device = "cpu") -> "TextEncoder":
         """Load Wan's layout: ``<folder>/models_t5_umt5-xxl-enc-bf16.pth`` + tokenizer ``<folder>/google/umt5-xxl/``.
 
-        The model is built on the meta device and the checkpoint tensors are assigned (memory-mapped), so the
-        5.7B weights are never randomly initialised nor held twice before the final ``.to(device, dtype)``.
-        ``state_dict``: the checkpoint's tensors if the caller already read them (``build.py`` reads files through
-        ``file_io`` so that a corrupt file is named in one line).
+        The model is built on the meta device and the checkpoint tensors are assigned (memory-mapped, read by
+        ``file_io``, which names a corrupt file in one line), so the 5.7B weights are never randomly initialised
+        nor held twice before the final ``.to(device, dtype)``.
         """
         folder = Path(folder)
-        checkpoint = folder / WAN_T5_CHECKPOINT if state_dict is None else None
-        if checkpoint is not None:
-            _existing(checkpoint, "Wan T5 checkpoint")
+        checkpoint = _existing(folder / WAN_T5_CHECKPOINT, "Wan T5 checkpoint")
         tokenizer_dir = _existing(folder / WAN_T5_TOKENIZER_DIR, "umt5-xxl tokenizer folder")
-        if checkpoint is not None:
-            state_dict = load_torch_file(checkpoint)  # memory-mapped
+        state_dict = load_torch_file(checkpoint)  # memory-mapped
         with torch.device("meta"):
             encoder = UMT5EncoderModel(umt5_xxl_config())
         encoder.load_state_dict(convert_wan_t5_state_dict(state_dict), strict=True, assign=True)

@@ -246,7 +246,7 @@ class CrossAttention(_Attention):
         return self.o(attention(q, k, v).flatten(2))
 
 
-class WanBlock(nn.Module):
+class WanLayer(nn.Module):
     """Modulated self-attention, cross-attention, modulated FFN (docs/reference.md, Model)."""
 
     def __init__(self, cfg: WanConfig):
@@ -312,8 +312,8 @@ COMPILE_GRAPH_LIMIT = 64
 _TORCH_COMPILE_HAS_OWN_LIMIT = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
-def _call_block(block: WanBlock, x, e0, text, layout, layer_kv, context_kv) -> torch.Tensor:
-    """One block call: the region :meth:`WanModel.compile_blocks` compiles, shared by every layer."""
+def _call_layer(block: WanLayer, x, e0, text, layout, layer_kv, context_kv) -> torch.Tensor:
+    """One block call: the region :meth:`WanModel.compile_layers` compiles, shared by every layer."""
     return block(x, e0, text, layout, layer_kv, context_kv)
 
 
@@ -338,10 +338,12 @@ class WanModel(nn.Module):
             nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
-        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        # The transformer layers. Named `blocks` because every Wan checkpoint's keys are (`blocks.N.*`); in this
+        # code base a "block" is a block of latent frames, a layer is one of these.
+        self.blocks = nn.ModuleList(WanLayer(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.rope = RotaryEmbedding(cfg.head_dim)  # plain attribute: no tensor in the state dict
-        self._compiled_block = None  # see compile_blocks
+        self._compiled_layer = None  # see compile_layers
         self._compiled_region = (None, None)  # (compiled callable, its (mode, backend)), kept across uncompile
         self.compile_fallback = "error"
         self.compile_failures: list[str] = []
@@ -351,10 +353,10 @@ class WanModel(nn.Module):
     def from_flavor(cls, flavor: str, causal: CausalSpec | None = None, **overrides) -> "WanModel":
         return cls(WanConfig.from_flavor(flavor, **overrides), causal)
 
-    def compile_blocks(self, mode: str | None = None, *, backend: str | Callable = "inductor",
+    def compile_layers(self, mode: str | None = None, *, backend: str | Callable = "inductor",
                        fallback: str = "error") -> "WanModel":
         """``torch.compile`` the transformer block once, for every layer (embeddings, head and the cache
-        bookkeeping stay eager). Undo with :meth:`uncompile_blocks`.
+        bookkeeping stay eager). Undo with :meth:`uncompile_layers`.
 
         All layers call one compiled region: a layer's weights and its slice of the KV cache reach it as
         tensors, and whatever changes per call is planned before the layers run (``KVCache.begin``), so the
@@ -378,38 +380,38 @@ class WanModel(nn.Module):
             if _TORCH_COMPILE_HAS_OWN_LIMIT:
                 options.update(isolate_recompiles=True, recompile_limit=COMPILE_GRAPH_LIMIT)
             # else (torch < 2.13): dynamo's process-wide recompile limit (8) still covers the 3 streaming graphs
-            region = torch.compile(_call_block, backend=backend, dynamic=False, fullgraph=True, **options)
+            region = torch.compile(_call_layer, backend=backend, dynamic=False, fullgraph=True, **options)
             self._compiled_region = (region, (mode, backend))
-        self._compiled_block = region
+        self._compiled_layer = region
         self.compile_fallback = fallback
         return self
 
-    def uncompile_blocks(self) -> "WanModel":
-        """Run the blocks eager again (compile_blocks with the same mode and backend re-enables the graphs
+    def uncompile_layers(self) -> "WanModel":
+        """Run the blocks eager again (compile_layers with the same mode and backend re-enables the graphs
         already compiled)."""
-        self._compiled_block = None
+        self._compiled_layer = None
         return self
 
     @property
-    def blocks_compiled(self) -> bool:
-        """Whether the blocks run compiled (False before compile_blocks and after an eager fallback)."""
-        return self._compiled_block is not None
+    def layers_compiled(self) -> bool:
+        """Whether the blocks run compiled (False before compile_layers and after an eager fallback)."""
+        return self._compiled_layer is not None
 
     def _run_compiled(self, *args) -> torch.Tensor:
-        if self._compiled_block is None:  # fell back to eager earlier in this call
-            return _call_block(*args)
+        if self._compiled_layer is None:  # fell back to eager earlier in this call
+            return _call_layer(*args)
         if self.compile_fallback == "error":
-            return self._compiled_block(*args)
+            return self._compiled_layer(*args)
         try:
-            return self._compiled_block(*args)
+            return self._compiled_layer(*args)
         except _compile_errors() as err:
             message = " ".join(str(err).split())  # dynamo's messages span lines: one line, the cause first
             cause = f"{type(err).__name__}: {message[:400]}"
             warnings.warn(f"torch.compile of the Wan blocks failed ({cause}); running them eager "
                           "(compile_fallback=eager)", RuntimeWarning, stacklevel=3)
             self.compile_failures.append(cause)
-            self._compiled_block = None
-            return _call_block(*args)
+            self._compiled_layer = None
+            return _call_layer(*args)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "WanModel":
         self.gradient_checkpointing = enabled
@@ -504,7 +506,7 @@ class WanModel(nn.Module):
         if kv_cache is not None:  # the call's plan, made once for all layers
             if kv_cache.batch_size != b:
                 raise ValueError(f"KV cache was allocated for batch {kv_cache.batch_size}, got a batch of {b}")
-            if self._compiled_block is not None:
+            if self._compiled_layer is not None:
                 kv_cache.mark_static_addresses()
             step = kv_cache.begin(start_frame, grid[0])
             layout = _AttentionLayout(freqs(step.query_positions))
@@ -518,14 +520,14 @@ class WanModel(nn.Module):
         else:
             layout = _AttentionLayout(freqs(range(grid[0])), freqs(range(grid[0])))
 
-        run = self._run_compiled if self._compiled_block is not None else _call_block
-        for i, block in enumerate(self.blocks):
+        run = self._run_compiled if self._compiled_layer is not None else _call_layer
+        for i, layer in enumerate(self.blocks):
             layer_kv = kv_cache.layer(i, step) if kv_cache is not None else None
             ckv = context_kv[i] if context_kv else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, text, layout, layer_kv, ckv, use_reentrant=False)
+                x = checkpoint(layer, x, e0, text, layout, layer_kv, ckv, use_reentrant=False)
             else:
-                x = run(block, x, e0, text, layout, layer_kv, ckv)
+                x = run(layer, x, e0, text, layout, layer_kv, ckv)
             if layer_kv is not None:
                 layer_kv.commit()
         return self.unpatchify(self.head(x, e), grid)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..build import build_pipeline, resolve_device, resolve_dtype
 from ..config import ConfigError, load_config
-from .app import ServeOptions, create_app
+from ..extras import MissingExtra, require
 
 log = logging.getLogger("reward_forcing.serve")
 
@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:
+        require("app", "the web app")
+        from .app import ServeOptions, create_app
+
         cfg = load_config(args.config_path, list(args.overrides))
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
             preview = TAEHVDecoder.from_file(args.taehv_path, device=device, dtype=dtype)
         pipe = build_pipeline(cfg, checkpoint=checkpoint, use_ema=args.use_ema, device=device,
                               dtype=dtype)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, MissingExtra) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     token = secrets.token_urlsafe(16) if args.token == "auto" else args.token

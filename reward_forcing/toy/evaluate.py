@@ -119,9 +119,9 @@ def as_dict(groups: dict[str, GroupMetrics]) -> dict[str, dict]:
 def bootstrap_mean_ci(values: torch.Tensor, *, samples: int = 10000, level: float = 0.95, seed: int = 0
                       ) -> tuple[float, float, float]:
     """Mean of ``values`` and its percentile bootstrap confidence interval."""
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     values = values.double().flatten()
-    idx = torch.randint(len(values), (samples, len(values)), generator=gen)
+    idx = torch.randint(len(values), (samples, len(values)), generator=rng)
     means = values[idx].mean(1)
     low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
     return values.mean().item(), low.item(), high.item()

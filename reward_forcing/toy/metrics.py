@@ -43,8 +43,8 @@ def positions(latents: torch.Tensor) -> torch.Tensor:
     return torch.cat([xy[:, :1], xy[:, :1] + step.cumsum(1)], dim=1)
 
 
-def _slope(xy: torch.Tensor) -> torch.Tensor:
-    """Least-squares slope of positions ``[B, F, 2]`` over the frames: ``[B, 2]`` pixels per frame."""
+def fitted_velocity(xy: torch.Tensor) -> torch.Tensor:
+    """The least-squares velocity of positions ``[B, F, 2]`` (``positions()``): ``[B, 2]`` pixels per frame."""
     t = torch.arange(xy.shape[1], dtype=xy.dtype, device=xy.device)
     t = t - t.mean()
     return ((xy - xy.mean(1, keepdim=True)) * t[None, :, None]).sum(1) / t.pow(2).sum()
@@ -58,13 +58,13 @@ def net_motion(latents: torch.Tensor, span: int | None = None) -> torch.Tensor:
     span = frames if span is None else span
     if span < 2 or span > frames:
         raise ValueError(f"span {span} must be in [2, {frames}] frames")
-    speeds = [_slope(xy[:, start:start + span]).norm(dim=-1) for start in range(0, frames - span + 1, span)]
+    speeds = [fitted_velocity(xy[:, start:start + span]).norm(dim=-1) for start in range(0, frames - span + 1, span)]
     return torch.stack(speeds, 1).mean(1)
 
 
 def velocity(latents: torch.Tensor) -> torch.Tensor:
     """The fitted velocity ``[B, 2]`` (dx, dy in pixels per frame; y grows downwards) over the whole video."""
-    return _slope(positions(latents))
+    return fitted_velocity(positions(latents))
 
 
 def direction_index(latents: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+from ..extras import require
+
+require("eval", "the toy world's report plots")
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

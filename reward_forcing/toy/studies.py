@@ -136,7 +136,7 @@ def switch_metrics(clips: SwitchClips, kind: str, *, continuity: bool = True) ->
            "blobs_per_frame_after": metrics.blobs_per_frame(v[:, s:]).mean().item()}
     if continuity:
         before = xy[:, s - WINDOW:s]
-        velocity = metrics._slope(before)
+        velocity = metrics.fitted_velocity(before)
         jump = torus_distance(xy[:, s], xy[:, s - 1] + velocity)
         out["jump_px"] = {"median": jump.median().item(), "p90": torch.quantile(jump, 0.9).item()}
     return out
@@ -175,12 +175,12 @@ def switch_gates(results: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------- image and video start
 def media_study(pipe, *, clips: int = 48, blocks: int = 3, seed: int = 0) -> dict:
     """Start from a rendered frame (blob at a known place) and continue a rendered fast clip, ``clips`` each."""
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     prompts = [f"{c} fast {d}" for c in COLOURS for d in DIRECTIONS] * math.ceil(clips / 12)
     prompts = prompts[:clips]
     image_start, extension = [], []
     for i, prompt in enumerate(prompts):
-        frame, _ = WORLD.render([prompt.replace(" fast ", " static ")], 1, gen)  # [1, 1, 3, H, W]
+        frame, _ = WORLD.render([prompt.replace(" fast ", " static ")], 1, rng)  # [1, 1, 3, H, W]
         start_xy = metrics.positions(frame)[0, 0]
         session = Session(pipe, prompt, image=frame[0, 0], seed=seed + i, decode=False)
         v = torch.cat([b.latents.float().cpu() for b in session.blocks(blocks)], 1)
@@ -189,11 +189,11 @@ def media_study(pipe, *, clips: int = 48, blocks: int = 3, seed: int = 0) -> dic
                             "direction_ok": metrics.direction_correct(v, [prompt]).item(),
                             "speed": metrics.net_motion(v).item()})
 
-        clip, _ = WORLD.render([prompt], 9, gen)  # the video to continue: 9 frames of fast motion
+        clip, _ = WORLD.render([prompt], 9, rng)  # the video to continue: 9 frames of fast motion
         session = Session(pipe, prompt, video=clip[0], seed=seed + i, decode=False)
         v = torch.cat([b.latents.float().cpu() for b in session.blocks(blocks)], 1)
         xy_in, xy_out = metrics.positions(clip)[0], metrics.positions(v)[0]
-        velocity = metrics._slope(xy_in[None])[0]
+        velocity = metrics.fitted_velocity(xy_in[None])[0]
         extension.append({"seam_jump_px": torus_distance(xy_out[0], xy_in[-1] + velocity).item(),
                           "speed_ratio": metrics.net_motion(v).item() / metrics.net_motion(clip).item(),
                           "direction_ok": metrics.direction_correct(v, [prompt]).item()})

@@ -61,15 +61,15 @@ class ToyWorld:
     fast_speed: float = 0.75  # pixels per frame
     any_fast: float = 0.5  # probability that a clip of an `any` prompt is fast (a resampled world changes it)
 
-    def render(self, prompts: list[str], num_frames: int, generator: torch.Generator | None = None
+    def render(self, prompts: list[str], num_frames: int, rng: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Clips of ``prompts``: latents ``[B, F, 3, size, size]`` and the true speed of each ``[B]`` (pixels per
         frame: 0 or ``fast_speed``; an ``any`` prompt is fast with probability ``any_fast``). Start positions are
         uniform."""
         parsed = [ToyPrompt.parse(p) for p in prompts]
         b = len(parsed)
-        start = torch.rand(b, 2, generator=generator) * self.size  # (x, y)
-        coin = torch.rand(b, generator=generator)
+        start = torch.rand(b, 2, generator=rng) * self.size  # (x, y)
+        coin = torch.rand(b, generator=rng)
         speed = torch.tensor([self.fast_speed if p.speed == "fast" or (p.speed == "any" and c < self.any_fast) else 0.0
                               for p, c in zip(parsed, coin.tolist())])
         unit = torch.tensor([DIRECTION_UNITS[p.direction] for p in parsed])

@@ -8,7 +8,7 @@ Conventions: latents are frame-major ``[B, F, C, H, W]`` (any ``[B, ...]`` works
 the batch dimension is reduced over), the scores return x0-predictions, and the flow is
 ``v = noise - x0`` (see :mod:`reward_forcing.schedule`).
 
-Re-DMD in one line (reference ``ReDMD.generator_loss``; docs/reference.md, Training)::
+Re-DMD in one line (docs/reference.md, Training)::
 
     g    = (x0_fake - x0_real) / mean_{F,C,H,W} |x - x0_real|       # normalised DMD gradient
     L    = 0.5 * exp(beta * MQ) * mean((x - sg(x - g))^2)             # dL/dx = exp(beta MQ) g / numel
@@ -48,7 +48,7 @@ def dmd_gradient(
     *,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's normalised DMD gradient ``g`` (``ReDMD._compute_kl_grad``).
+    """The reference's normalised DMD gradient ``g`` (docs/reference.md, Training: "DMD gradient").
 
     Args:
         x: generator output (the clean latent the scores were evaluated around), ``[B, ...]``.
@@ -171,7 +171,7 @@ def re_dmd_loss(
 
 
 def flow_matching_loss(flow_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Flow-matching loss of the critic (reference ``FlowPredLoss``) and of teacher training:
+    """Flow-matching loss of the critic (docs/reference.md, Training: "Critic loss") and of teacher training:
     ``mean((v_pred - (noise - x0))^2)``.
 
     ``flow_pred`` is the critic's flow for ``x_t = add_noise(x0, noise, t)`` (the reference converts the

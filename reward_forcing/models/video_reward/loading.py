@@ -173,8 +173,8 @@ def _sections(cfg_path: Path) -> tuple[dict, dict, dict, dict]:
 
 
 def load_video_reward(folder: str | os.PathLike, *, prompt_template_file: str | os.PathLike | None,
-                      step: int | None = None, device: str | torch.device | None = None,
-                      dtype: torch.dtype | None = None, fps: float | None = None, sample_all_frames: bool = False,
+                      step: int | None = None, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32, fps: float | None = None, sample_all_frames: bool = False,
                       reference_pixel_range: bool = False, attn_implementation: str = "sdpa") -> LoadedVideoReward:
     """Read a VideoReward folder (layout in the module docstring).
 
@@ -224,9 +224,7 @@ def load_video_reward(folder: str | os.PathLike, *, prompt_template_file: str | 
     if rows is not None:  # VideoAlign resized the embedding to the tokenizer (151936 -> 151660 rows for 2B)
         config.text_config.vocab_size = rows
     config._attn_implementation = attn_implementation
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = torch.device(device)  # the caller resolves "auto" (build.resolve_device): models do not pick hardware
     with torch.device(device):
         net = VideoRewardModel(config, output_dim=int(model_cfg.get("output_dim", 3)))
     model = apply_lora(net.to(dtype), peft_cfg)

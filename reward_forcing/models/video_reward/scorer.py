@@ -191,7 +191,7 @@ class VideoReward(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, prompt_template_file: str | os.PathLike | None,
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None, **kwargs
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs
                         ) -> VideoReward:
         """Load a released VideoReward folder (``model_config.json`` + ``checkpoint-N/``) and VideoAlign's
         ``prompt_template.py``; ``prompt_template_file=None`` scores with our own wording, with a warning. Other
