@@ -196,8 +196,10 @@ def evaluate(stages: Stages, teacher: Path, student: Path, dmd: dict[tuple[float
     cfg = load_config(CONFIGS["dmd"], [*stages.args.overrides, f"training.generator_ckpt={student}",
                                        f"training.teacher_ckpt={teacher}"])  # e.g. causal.* for the students
     repeats, any_repeats, blocks = (1, 1, 4) if smoke else (4, 8, 40)
-    prompts = ev.eval_prompts(("static", "fast"), repeats)  # 96 clips (smoke: 24)
-    bimodal = ev.eval_prompts(("any",), any_repeats)  # 96 clips of the 'any' prompts (smoke: 12)
+    prompts = ev.eval_prompts(("static", "fast"), repeats)  # 96 clips (smoke: 8, one per direction and speed)
+    bimodal = ev.eval_prompts(("any",), any_repeats)  # 96 clips of the 'any' prompts (smoke: 4)
+    if smoke:  # the code path, not the numbers: one colour
+        prompts, bimodal = [p for p in prompts if p.startswith("red")], [p for p in bimodal if p.startswith("red")]
     text = build_text_encoder(cfg)
     results: dict = {"data": data_reference(ev.WORLD), "smoke": smoke, "beta": beta}
     videos = {}
@@ -232,7 +234,7 @@ def evaluate(stages: Stages, teacher: Path, student: Path, dmd: dict[tuple[float
                          "mean_difference": mean, "ci95": [low, high], "samples_per_seed": len(bimodal)}
     results["motion_any"] = {name: motion.tolist() for name, motion in motion_any.items()}
 
-    long_prompts = ev.eval_prompts(("static", "fast"), 1)  # 24 clips
+    long_prompts = ev.eval_prompts(("static", "fast"), 1)[:4 if smoke else None]  # 24 clips (smoke: 4)
     long_student = dmd[(0.0, seeds[0])]
     results["long_rollout"], results["long_windows"] = {}, {}
     for policy in ("none", "static", "ema"):
@@ -348,8 +350,8 @@ def redmd_evaluate(stages: Stages, teacher: Path, control: Path, runs: dict[tupl
     torch.set_num_threads(1)
     cfg = load_config(CONFIGS["dmd"], [f"training.teacher_ckpt={teacher}", *stages.args.overrides])
     text = build_text_encoder(cfg)
-    bimodal = ev.eval_prompts(("any",), 1 if smoke else 8)
-    others = ev.eval_prompts(("static", "fast"), 1 if smoke else 4)
+    bimodal = ev.eval_prompts(("any",), 1 if smoke else 8)[:4 if smoke else None]
+    others = ev.eval_prompts(("static", "fast"), 1 if smoke else 4)[::3 if smoke else 1]
     results: dict = {"teacher_fast_fraction": {}, "curves": {}, "final": {}, "fast": {}}
     for name, weights in (("teacher", teacher), ("control teacher", control)):
         model = build_dit(cfg, "toy", weights=weights, what="teacher").eval()

@@ -397,3 +397,17 @@ def test_toy_world_smoke_runs_every_stage(tmp_path):
     for name in ("report.md", "losses.png", "motion_any.png", "long_rollout.png", "frames.png"):
         assert (out / name).stat().st_size > 0, name
     assert "re-dmd" in proc.stdout and "fail (smoke)" in proc.stdout or "PASS" in proc.stdout
+    assert any(g["gate"].endswith("direction accuracy (fast)") for g in results["gates"])
+
+    # The Re-DMD study's code path, on the same folder (teacher, ODE pairs and ODE init are reused)
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "toy_world.py"), "--smoke", "--study", "redmd",
+                           "--out", str(out)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("reuse ") >= 3  # teacher is the smoke's own; pairs and ODE init are reused
+    study = json.loads((out / "results_redmd.json").read_text())
+    assert set(study["table"]) == {"dmd", "tilt +1", "tilt -1", "re-dmd", "control"}
+    assert set(study["curves"]["tilt +1"]) == {"1", "2"}  # fast fraction after each saved export
+    assert {"predicted_fast_fraction", "ci95", "fast_fraction", "direction"} <= set(study["table"]["tilt +1"])
+    assert [g["gate"].split(" (")[0].split(":")[0] for g in study["gates"]][:3] == [
+        "positive control", "tilt +1 vs dmd", "tilt -1 vs dmd"]
+    assert (out / "redmd.md").stat().st_size > 0 and (out / "redmd_fast_fraction.png").stat().st_size > 0
