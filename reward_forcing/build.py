@@ -174,7 +174,8 @@ def build_pipeline(cfg: Config, *, checkpoint: str | Path | None = None, use_ema
     schedule and default video size (tiny random models for ``configs/tiny.yaml``)."""
     vae = build_vae(cfg, device=device, dtype=dtype)  # first: it owns the geometry the video size is checked on
     latent_size(vae, WanConfig.from_flavor(cfg.model.generator).patch_size, cfg.video.height, cfg.video.width)
-    generator = build_inference_generator(cfg, checkpoint=checkpoint, use_ema=use_ema, device=device, dtype=dtype)
+    generator = build_inference_generator(cfg, checkpoint=checkpoint or cfg.model.checkpoint or None, use_ema=use_ema,
+                                          device=device, dtype=dtype)
     text_device = text_encoder_device or ("cpu" if cfg.text.offload_text_encoder else device)
     text_encoder = build_text_encoder(cfg, device=text_device, dtype=dtype)
     return StreamingPipeline(generator, text_encoder, vae, stream_settings(cfg))

@@ -44,7 +44,9 @@ class ModelConfig:
     reward: str = "videoreward"
     random_init: bool = False  # build random weights instead of loading checkpoints (tiny debug runs)
     # Generator weights for inference.py and the live app when --checkpoint_path is not given ('': the released
-    # checkpoint under checkpoint_root). Relative paths are from the working directory, like every path here.
+    # checkpoint under checkpoint_root). Set in a config file, a relative path is from that file's folder (a config
+    # that ships its weights, e.g. configs/toy/student.yaml, works from any directory); as a command-line
+    # override it is from the working directory, like every other path here.
     checkpoint: str = ""
     gradient_checkpointing: bool = True
     rope_precision: str = "float64"  # float64 (reference numerics) | float32 (faster on GPU, ~1e-6 apart)
@@ -82,6 +84,7 @@ class VideoConfig:
 class TextConfig:
     negative_prompt: str = WAN_NEGATIVE_PROMPT  # used by the teacher's CFG in training
     offload_text_encoder: bool = _STREAM.offload_text_encoder  # UMT5 parked on the CPU, on the GPU only to encode
+    start_prompt: str = ""  # the web app's first prompt ('': the page's sample scene); a toy config needs its own
 
 
 @dataclass
@@ -264,7 +267,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} does not exist (configs/ has default.yaml, "
                               "reward_forcing.yaml, tiny.yaml)")
         source = str(path)
-        cfg = _merge(cfg, OmegaConf.load(path), source)
+        file_cfg = OmegaConf.load(path)
+        weights = OmegaConf.select(file_cfg, "model.checkpoint", default=None)
+        if weights and not Path(weights).is_absolute():
+            file_cfg.model.checkpoint = str(path.parent / weights)
+        cfg = _merge(cfg, file_cfg, source)
     if overrides:
         source = f"{source} + overrides {overrides}"
         try:

@@ -75,3 +75,16 @@ def test_bad_overrides_and_missing_file(tmp_path):
 def test_self_forcing_ablation_is_plain_dmd():
     cfg = load_config(CONFIGS / "self_forcing.yaml")
     assert cfg.training.beta == 0.0 and cfg.causal.sink_policy == "ema"
+
+
+def test_model_checkpoint_in_a_config_file_is_relative_to_that_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    config = tmp_path / "sub" / "c.yaml"
+    config.write_text("model:\n  checkpoint: weights.pt\n")
+    assert load_config(config).model.checkpoint == str(tmp_path / "sub" / "weights.pt")
+    config.write_text(f"model:\n  checkpoint: {tmp_path / 'abs.pt'}\n")
+    assert load_config(config).model.checkpoint == str(tmp_path / "abs.pt")  # absolute paths stay
+    # a command-line override is from the working directory, like every other path
+    assert load_config(config, ["model.checkpoint=rel/w.pt"]).model.checkpoint == "rel/w.pt"
+    assert load_config(CONFIGS / "toy" / "student.yaml").model.checkpoint == str(
+        CONFIGS / "toy" / "student.pt")

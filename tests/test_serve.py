@@ -291,10 +291,11 @@ def test_a_page_reload_is_handed_over_not_refused(client, monkeypatch):
 def test_display_scale_enlarges_frames_nearest_neighbour(pipe, tmp_path):
     from PIL import Image
 
-    app = create_app(pipe, ServeOptions(**SIZE, display_scale=3, record_dir=tmp_path))
+    app = create_app(pipe, ServeOptions(**SIZE, display_scale=3, record_dir=tmp_path, start_prompt="red fast up"))
     with TestClient(app) as c, c.websocket_connect("/ws") as ws:
         peer = _start(ws)
         assert (peer.of_type("hello")[0]["height"], peer.of_type("hello")[0]["width"]) == (48, 96)
+        assert peer.of_type("hello")[0]["start_prompt"] == "red fast up"  # the page starts with it (a toy config's)
         peer.until(lambda: peer.frames)
         assert Image.open(io.BytesIO(peer.frames[0][1])).size == (96, 48)
     assert _model_threads_end()

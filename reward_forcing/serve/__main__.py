@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     options = ServeOptions(height=cfg.video.height, width=cfg.video.width, fps=cfg.video.fps,
                            display_scale=cfg.video.display_scale, token=token,
                            record_dir=Path(args.record_dir), max_prompt_chars=args.max_prompt_chars,
+                           start_prompt=cfg.text.start_prompt,
                            max_upload_bytes=int(args.max_upload_mb * 2**20), queue_blocks=args.queue_blocks,
                            decoder_model=preview)
     import uvicorn

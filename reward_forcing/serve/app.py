@@ -5,7 +5,7 @@ Wire protocol (``/ws``)
 Server -> client, binary: one message per frame, a 16-byte little-endian header ``(epoch, block, frame,
 frames_in_block)`` (uint32 each) then the JPEG. ``block`` counts blocks over the whole session (the clock
 events are stamped with), ``frame`` is the frame's index inside its block.
-Server -> client, text (JSON): ``hello`` (video size, fps, policies, limits), ``status`` (generation fps,
+Server -> client, text (JSON): ``hello`` (video size, fps, policies, limits, the first prompt), ``status`` (generation fps,
 block latency, queue depth, drops), ``applied`` (events that took effect, with their block), ``paused``,
 ``recording`` (the download URL and frame count of a finished recording), ``error`` (bad message: the
 connection stays up) and ``busy`` (another client is generating; the connection is closed).
@@ -63,6 +63,7 @@ class ServeOptions:
     token: str | None = None  # required as ?token=... on every request when set
     record_dir: Path = Path("recordings")
     max_prompt_chars: int = 1000
+    start_prompt: str = ""  # the page's first prompt ('': its own sample scene)
     max_upload_bytes: int = 8 * 2**20
     queue_blocks: int = 2  # blocks the server holds before dropping the oldest
     in_flight: int = 2  # blocks sent and not yet acknowledged
@@ -154,7 +155,7 @@ class Connection:
         scale = self.options.display_scale
         await self.send_json({"type": "hello", "fps": self.options.fps, "height": self.options.height * scale,
                               "width": self.options.width * scale, "policies": list(SWITCH_POLICIES),
-                              "max_prompt_chars": self.options.max_prompt_chars,
+                              "max_prompt_chars": self.options.max_prompt_chars, "start_prompt": self.options.start_prompt,
                               "max_upload_bytes": self.options.max_upload_bytes})
         sender = asyncio.create_task(self.send_loop())
         try:

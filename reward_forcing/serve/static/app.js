@@ -50,6 +50,7 @@ function onMessage(msg) {
       canvas.width = msg.width; canvas.height = msg.height;
       $("policy").innerHTML = msg.policies.map((p) => `<option>${p}</option>`).join("");
       $("prompt").maxLength = msg.max_prompt_chars;
+      if (msg.start_prompt) $("prompt").value = msg.start_prompt;  // e.g. the toy student's "red fast right"
       send({ type: "start", prompt: $("prompt").value, seed: Number($("seed").value) || 0 });
       app.started = true;
       break;
