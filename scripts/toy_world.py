@@ -1,8 +1,8 @@
 """The toy world, end to end: teacher -> ODE pairs -> ODE init -> DMD / Re-DMD -> long rollouts -> report.
 
-    python scripts/toy_world.py                     # the full run (<= 60 min on 2 CPU cores, committed teacher)
+    python scripts/toy_world.py                     # the full run (~2.5 h on 2 CPU cores; --seeds 1: 1.5 h)
     python scripts/toy_world.py --smoke             # every stage for a few steps (< 2 min; CI runs this)
-    python scripts/toy_world.py --retrain_teacher   # also retrain configs/toy/teacher.pt (~25 min on 2 cores)
+    python scripts/toy_world.py --retrain_teacher   # also retrain configs/toy/teacher.pt (~2.5 h on 2 cores)
     python scripts/toy_world.py --seeds 5 --beta 2 training.lr=3e-4   # an ablation: overrides go to DMD runs
 
 Every training stage is ``train.py`` with a config of ``configs/toy/`` (the project's trainer, rollout, losses and
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog="Extra key=value arguments override the DMD / Re-DMD configs.")
     p.add_argument("--out", default="runs/toy", help="output folder (default runs/toy)")
     p.add_argument("--smoke", action="store_true", help="every stage for a few steps; gates not enforced")
-    p.add_argument("--retrain_teacher", action="store_true", help=f"train the teacher (~25 min on 2 cores) and "
+    p.add_argument("--retrain_teacher", action="store_true", help=f"train the teacher (~2.5 h on 2 cores) and "
                    f"replace {TEACHER.name}")
     p.add_argument("--seeds", type=int, default=3, help="seeds per beta for DMD and Re-DMD (default 3)")
     p.add_argument("--beta", type=float, default=3.0, help="Re-DMD reward temperature (default 3)")
@@ -101,25 +102,32 @@ class Stages:
     def run_all(self, jobs: list[tuple[str, list[str], Path]]) -> None:
         """Run ``(name, command, log file)`` jobs, ``--jobs`` at a time; stop at the first failure."""
         pending, running = list(jobs), []
-        while pending or running:
-            while pending and len(running) < max(1, self.args.jobs):
-                name, cmd, log = pending.pop(0)
-                print(f"[{time.strftime('%H:%M:%S')}] start {name}", flush=True)
-                running.append((name, log, time.time(), subprocess.Popen(
-                    cmd, cwd=ROOT, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT)))
-            time.sleep(0.2)
-            for job in list(running):
-                name, log, start, proc = job
-                if proc.poll() is None:
-                    continue
-                running.remove(job)
-                if proc.returncode:
-                    for _, _, _, other in running:
-                        other.terminate()
-                    tail = log.read_text().replace("\r", "\n").splitlines()[-15:]
-                    raise SystemExit(f"error: {name} failed (exit {proc.returncode}); last lines of {log}:\n"
-                                     + "\n".join(tail))
-                print(f"[{time.strftime('%H:%M:%S')}] done  {name} in {time.time() - start:.0f} s", flush=True)
+        try:
+            while pending or running:
+                while pending and len(running) < max(1, self.args.jobs):
+                    name, cmd, log = pending.pop(0)
+                    print(f"[{time.strftime('%H:%M:%S')}] start {name}", flush=True)
+                    running.append((name, log, time.time(), subprocess.Popen(
+                        cmd, cwd=ROOT, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT)))
+                time.sleep(0.2)
+                for job in list(running):
+                    name, log, start, proc = job
+                    if proc.poll() is None:
+                        continue
+                    running.remove(job)
+                    if proc.returncode:
+                        tail = log.read_text().replace("\r", "\n").splitlines()[-15:]
+                        raise SystemExit(f"error: {name} failed (exit {proc.returncode}); last lines of {log}:\n"
+                                         + "\n".join(tail))
+                    print(f"[{time.strftime('%H:%M:%S')}] done  {name} in {time.time() - start:.0f} s", flush=True)
+        finally:  # a failure, Ctrl-C or SIGTERM leaves no training behind on the cores (checkpoints stay)
+            for _, _, _, proc in running:
+                proc.terminate()
+            for _, _, _, proc in running:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
     def train(self, jobs: list[tuple[str, str, list[str]]]) -> list[Path]:
         """Training stages ``(name, config, overrides)``; returns each run's export (reused when present)."""
@@ -452,6 +460,8 @@ def main(argv=None) -> int:
     if args.seeds < 1 or args.jobs < 1 or args.pairs < 1 or args.gen_updates < 1 or args.critic_ratio < 1:
         print("error: --seeds, --jobs, --pairs, --gen_updates and --critic_ratio must be >= 1", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so the trainings it started are stopped with it (run_all's finally)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     start = time.time()
     stages = Stages(args)
     teacher = stages.teacher()

@@ -61,7 +61,9 @@ def test_toy_studies_smoke(tmp_path):
     assert "jump_px" not in live["results"]["reset"]["0"]["colour"]  # a reset starts a new video
     assert [g["gate"].split(":")[0] for g in live["gates"]][:2] == ["cross blend 0", "cross blend 0"]
     media = json.loads((tmp_path / "media.json").read_text())["results"]
-    assert media["clips"] == 2 and {"start_error_px", "direction_accuracy"} <= set(media["image_start"])
+    assert media["clips"] == 2 and {"start_error_px", "start_distance_px", "direction_accuracy"} <= set(
+        media["image_start"])
+    assert {"seam_jump_px", "seam_speed_ratio", "speed_ratio"} <= set(media["extension"])
     levers = json.loads((tmp_path / "levers.json").read_text())["results"]
     assert len(levers) == 5 and all(r["block_ms"] > 0 for r in levers.values())
     assert (tmp_path / "levers.md").read_text().count("\n|") >= 6
@@ -86,3 +88,23 @@ def test_switch_metrics_are_exact_on_constructed_clips():
     assert wrong["latency_frames"]["never"] == 1.0 and wrong["within_2_blocks"] == 0.0
     right = studies.switch_metrics(studies.SwitchClips(clip, ["red fast right"] * 2, 9), "speed")
     assert right["latency_frames"]["median"] == 0
+
+
+def test_switch_jump_is_zero_for_an_immediate_turn_or_stop_and_counts_a_teleport():
+    start = torch.tensor([[1.0, 2.0]])
+    right, up = torch.tensor([0.75, 0.0]), torch.tensor([0.0, -0.75])
+
+    def clip(velocity_after, offset=0.0):  # 9 frames to the right, then velocity_after from the last position
+        t = torch.arange(18, dtype=torch.float32)[:, None]
+        centres = torch.where(t < 9, start + right * t, start + right * 8 + velocity_after * (t - 8) + offset)
+        return -1.0 + 2.0 * torch.nn.functional.one_hot(torch.tensor(0), 3).float()[None, :, None, None] * \
+            ev.WORLD.blob(centres)[:, None][None]
+
+    turn = studies.switch_metrics(studies.SwitchClips(clip(up), ["red fast up"], 9), "direction")
+    assert turn["jump_px"]["median"] < 0.05  # obeying at once is continuous
+    assert abs(turn["jump_from_old_motion_px"]["median"] - 0.75 * 2 ** 0.5) < 0.05  # the old-motion-only measure
+    stop = studies.switch_metrics(studies.SwitchClips(clip(torch.zeros(2)), ["red static right"], 9), "speed")
+    assert stop["jump_px"]["median"] < 0.05
+    teleport = studies.switch_metrics(studies.SwitchClips(clip(up, torch.tensor([-2.0, 0.0])), ["red fast up"], 9),
+                                      "direction")
+    assert abs(teleport["jump_px"]["median"] - 2.0) < 0.1  # 2 px beside where turning at once would be

@@ -1,8 +1,10 @@
 """The toy world and the stages it drives: exact metrics on its data, its text encoder and reward, the identity
 decoder, the teacher sampler, ODE pairs, the ode and teacher training modes, and scripts/toy_world.py --smoke."""
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -411,3 +413,20 @@ def test_toy_world_smoke_runs_every_stage(tmp_path):
     assert [g["gate"].split(" (")[0].split(":")[0] for g in study["gates"]][:3] == [
         "positive control", "tilt +1 vs dmd", "tilt -1 vs dmd"]
     assert (out / "redmd.md").stat().st_size > 0 and (out / "redmd_fast_fraction.png").stat().st_size > 0
+
+
+def test_a_failed_stage_stops_the_trainings_running_beside_it(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import toy_world
+
+    stages = toy_world.Stages(toy_world.parse_args(["--out", str(tmp_path), "--jobs", "2"]))
+    pid_file = tmp_path / "pid"
+    sleeper = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+               "time.sleep(60)"]
+    failing = [sys.executable, "-c", "import sys, time; time.sleep(2); print('boom'); sys.exit(3)"]
+    started = time.time()
+    with pytest.raises(SystemExit, match=r"error: fails failed \(exit 3\)(.|\n)*boom"):
+        stages.run_all([("sleeps", sleeper, tmp_path / "a.log"), ("fails", failing, tmp_path / "b.log")])
+    assert time.time() - started < 30  # not waited for
+    with pytest.raises(ProcessLookupError):  # stopped and reaped
+        os.kill(int(pid_file.read_text()), 0)

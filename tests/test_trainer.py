@@ -203,13 +203,23 @@ def train_in_process(capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """One torch thread here, as in a process started with OMP_NUM_THREADS=1: bit-identical float reductions in
+    both (with more threads, how this process's pool was set up earlier changes the last bits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, capsys, one_thread):
     """The run to kill is a process of its own (SIGKILL: no handler, no cleanup runs); the others run here."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     common = ["--config_path", TINY, "--disable-wandb", f"training.data_path={prompts}", "training.max_steps=6"]
     assert train_in_process(capsys, *common, "--logdir", tmp_path / "full")[0] == 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *map(str, common), "--logdir",
                              str(tmp_path / "killed"), "training.max_steps=1000000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO_ROOT)

@@ -12,18 +12,23 @@ Definitions (``s`` = the first frame generated after the switch, ``3 k`` for a s
 * **latency** (frames): the smallest ``j >= 0`` such that the new attribute holds on every frame (colour) or
   every 3-frame window (direction, speed) from ``s + j`` to the end of the clip; a clip where it never holds counts
   as not switched (its latency is infinite);
-* **jump** (pixels): torus distance between the blob at frame ``s`` and where the motion before the switch would
-  have put it (position at ``s - 1`` plus the velocity fitted over the 3 frames before); 0 is continuous;
+* **jump** (pixels): how far the blob at frame ``s`` lands from anywhere a continuous motion could take it from
+  frame ``s - 1``: the distance from its step ``s - 1 -> s`` to the segment between the velocity fitted over the 3
+  frames before (keeping the old motion) and the new prompt's velocity (obeying at once); 0 is continuous.
+  ``jump_from_old_motion`` (reported, not gated) measures from the old motion alone: it charges a perfect
+  immediate switch ``|v_new - v_old|`` (1.06 px for a 90-degree turn at 0.75 px/frame, 0.75 for a stop);
 * **stability**: colour accuracy against the new prompt and blobs per frame over the frames after the switch.
 """
 from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from ..interactive.session import Session
 from . import metrics
@@ -135,23 +140,38 @@ def switch_metrics(clips: SwitchClips, kind: str, *, continuity: bool = True) ->
            "colour_accuracy_after": metrics.colour_accuracy(v[:, s:], prompts).mean().item(),
            "blobs_per_frame_after": metrics.blobs_per_frame(v[:, s:]).mean().item()}
     if continuity:
-        before = xy[:, s - WINDOW:s]
-        velocity = metrics.fitted_velocity(before)
-        jump = torus_distance(xy[:, s], xy[:, s - 1] + velocity)
+        v_old = metrics.fitted_velocity(xy[:, s - WINDOW:s])
+        step = xy[:, s] - xy[:, s - 1]
+        jump = segment_distance(step, v_old, prompt_velocity(parsed))
+        from_old = torus_distance(xy[:, s], xy[:, s - 1] + v_old)
         out["jump_px"] = {"median": jump.median().item(), "p90": torch.quantile(jump, 0.9).item()}
+        out["jump_from_old_motion_px"] = {"median": from_old.median().item(),
+                                          "p90": torch.quantile(from_old, 0.9).item()}
     return out
 
 
+def prompt_velocity(parsed: list[ToyPrompt]) -> torch.Tensor:
+    """The data's velocity ``[B, 2]`` (pixels per frame) of static / fast prompts."""
+    speed = torch.tensor([WORLD.fast_speed if p.speed == "fast" else 0.0 for p in parsed])
+    return speed[:, None] * torch.tensor([DIRECTION_UNITS[p.direction] for p in parsed])
+
+
+def segment_distance(step: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance ``[B]`` of the displacements ``step [B, 2]`` from the segments ``a -> b`` (both ``[B, 2]``)."""
+    ab = b - a
+    t = ((step - a) * ab).sum(-1) / ab.pow(2).sum(-1).clamp_min(1e-12)
+    return (step - (a + t.clamp(0, 1)[:, None] * ab)).norm(dim=-1)
+
+
 def switch_study(pipe, *, repeats: int = 4, blends: tuple[int, ...] = (0, 2), policies=POLICIES,
-                 kinds=("colour", "direction", "speed"), pairs: int | None = None) -> dict:
+                 kinds=("colour", "direction", "speed"), pairs: int | None = None, progress: bool = False) -> dict:
     """Every policy x blend x switch kind: ``{policy: {blend: {kind: switch_metrics}}}``."""
     results = {}
-    for policy in policies:
-        for blend in blends:
-            for kind in kinds:
-                clips = run_switches(pipe, kind, policy, blend, repeats=repeats, pairs=pairs)
-                results.setdefault(policy, {}).setdefault(str(blend), {})[kind] = switch_metrics(
-                    clips, kind, continuity=policy != "reset")
+    cells = [(policy, blend, kind) for policy in policies for blend in blends for kind in kinds]
+    for policy, blend, kind in tqdm(cells, desc="switches", unit="setting", disable=not progress, file=sys.stderr):
+        clips = run_switches(pipe, kind, policy, blend, repeats=repeats, pairs=pairs)
+        results.setdefault(policy, {}).setdefault(str(blend), {})[kind] = switch_metrics(
+            clips, kind, continuity=policy != "reset")
     return results
 
 
@@ -173,19 +193,27 @@ def switch_gates(results: dict) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------- image and video start
-def media_study(pipe, *, clips: int = 48, blocks: int = 3, seed: int = 0) -> dict:
-    """Start from a rendered frame (blob at a known place) and continue a rendered fast clip, ``clips`` each."""
+def media_study(pipe, *, clips: int = 48, blocks: int = 3, seed: int = 0, progress: bool = False) -> dict:
+    """Start from a rendered frame (blob at a known place) and continue a rendered fast clip, ``clips`` each.
+
+    Image start: ``start_error_px`` is the first generated frame's distance from where the prompted motion takes
+    the image's blob in one frame (the image is the frame before it), ``start_distance_px`` the plain distance from
+    the image's blob (a perfect mover scores 0.75). Extension: the seam jump against the input's extrapolated
+    motion, the speed of the first generated block (``seam_speed_ratio``) and of all ``blocks`` (``speed_ratio``)
+    against the input's."""
     rng = torch.Generator().manual_seed(seed)
     prompts = [f"{c} fast {d}" for c in COLOURS for d in DIRECTIONS] * math.ceil(clips / 12)
     prompts = prompts[:clips]
     image_start, extension = [], []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(tqdm(prompts, desc="start media", unit="clip", disable=not progress, file=sys.stderr)):
         frame, _ = WORLD.render([prompt.replace(" fast ", " static ")], 1, rng)  # [1, 1, 3, H, W]
         start_xy = metrics.positions(frame)[0, 0]
         session = Session(pipe, prompt, image=frame[0, 0], seed=seed + i, decode=False)
         v = torch.cat([b.latents.float().cpu() for b in session.blocks(blocks)], 1)
         xy = metrics.positions(v)[0]
-        image_start.append({"start_error_px": torus_distance(xy[0], start_xy).item(),
+        step = prompt_velocity([ToyPrompt.parse(prompt)])[0]  # the first frame is one frame after the image
+        image_start.append({"start_error_px": torus_distance(xy[0], start_xy + step).item(),
+                            "start_distance_px": torus_distance(xy[0], start_xy).item(),
                             "direction_ok": metrics.direction_correct(v, [prompt]).item(),
                             "speed": metrics.net_motion(v).item()})
 
@@ -194,7 +222,9 @@ def media_study(pipe, *, clips: int = 48, blocks: int = 3, seed: int = 0) -> dic
         v = torch.cat([b.latents.float().cpu() for b in session.blocks(blocks)], 1)
         xy_in, xy_out = metrics.positions(clip)[0], metrics.positions(v)[0]
         velocity = metrics.fitted_velocity(xy_in[None])[0]
+        seam_velocity = metrics.fitted_velocity(xy_out[None, :pipe.frames_per_block])[0]  # the first block's
         extension.append({"seam_jump_px": torus_distance(xy_out[0], xy_in[-1] + velocity).item(),
+                          "seam_speed_ratio": (seam_velocity.norm() / velocity.norm()).item(),
                           "speed_ratio": metrics.net_motion(v).item() / metrics.net_motion(clip).item(),
                           "direction_ok": metrics.direction_correct(v, [prompt]).item()})
 
@@ -205,9 +235,11 @@ def media_study(pipe, *, clips: int = 48, blocks: int = 3, seed: int = 0) -> dic
 
     return {"clips": clips,
             "image_start": {"start_error_px": agg(image_start, "start_error_px"),
+                            "start_distance_px": agg(image_start, "start_distance_px"),
                             "direction_accuracy": statistics.fmean(r["direction_ok"] for r in image_start),
                             "speed": agg(image_start, "speed"), "data_speed": WORLD.fast_speed},
             "extension": {"seam_jump_px": agg(extension, "seam_jump_px"),
+                          "seam_speed_ratio": agg(extension, "seam_speed_ratio"),
                           "speed_ratio": agg(extension, "speed_ratio"),
                           "direction_accuracy": statistics.fmean(r["direction_ok"] for r in extension)}}
 
@@ -215,13 +247,14 @@ def media_study(pipe, *, clips: int = 48, blocks: int = 3, seed: int = 0) -> dic
 def media_gates(results: dict) -> list[dict]:
     i, e = results["image_start"], results["extension"]
     speed = i["speed"]["median"] / i["data_speed"]
-    rows = [("image start: median distance of the first frame's blob from the image's (px)",
+    rows = [("image start: median distance of the first frame's blob from the image's moved one frame as "
+             "prompted (px)",
              i["start_error_px"]["median"], "<= 1", i["start_error_px"]["median"] <= 1),
             ("image start: direction accuracy", i["direction_accuracy"], ">= 0.9", i["direction_accuracy"] >= 0.9),
             ("image start: median speed / data speed", speed, "0.8 - 1.2", 0.8 <= speed <= 1.2),
             ("extension: median seam jump (px)", e["seam_jump_px"]["median"], "<= 1", e["seam_jump_px"]["median"] <= 1),
-            ("extension: median speed ratio to the input", e["speed_ratio"]["median"], "0.8 - 1.2",
-             0.8 <= e["speed_ratio"]["median"] <= 1.2),
+            ("extension: median speed ratio at the seam (first block) to the input", e["seam_speed_ratio"]["median"],
+             "0.8 - 1.2", 0.8 <= e["seam_speed_ratio"]["median"] <= 1.2),
             ("extension: direction accuracy", e["direction_accuracy"], ">= 0.9", e["direction_accuracy"] >= 0.9)]
     return [{"gate": g, "value": v, "threshold": t, "pass": bool(ok)} for g, v, t, ok in rows]
 
