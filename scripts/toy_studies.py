@@ -91,11 +91,14 @@ def media(args) -> tuple[dict, str, list[dict]]:
     results = studies.media_study(pipe, clips=2 if args.smoke else 48, progress=True)
     i, e = results["image_start"], results["extension"]
     text = table(["start", "position error / seam jump (px), median", "p90", "distance from the image (px), median",
-                  "speed (px/frame) / ratio at the seam, median", "speed ratio over 3 blocks", "direction accuracy"],
+                  "speed (px/frame) / ratio at the seam, median", "speed ratio over 3 blocks", "colour accuracy",
+                  "direction accuracy"],
                  [["image", i["start_error_px"]["median"], i["start_error_px"]["p90"],
-                   i["start_distance_px"]["median"], i["speed"]["median"], "-", i["direction_accuracy"]],
+                   i["start_distance_px"]["median"], i["speed"]["median"], "-", i["colour_accuracy"],
+                   i["direction_accuracy"]],
                   ["video extension", e["seam_jump_px"]["median"], e["seam_jump_px"]["p90"], "-",
-                   e["seam_speed_ratio"]["median"], e["speed_ratio"]["median"], e["direction_accuracy"]]])
+                   e["seam_speed_ratio"]["median"], e["speed_ratio"]["median"], e["colour_accuracy"],
+                   e["direction_accuracy"]]])
     return results, text, studies.media_gates(results)
 
 

@@ -61,9 +61,9 @@ def test_toy_studies_smoke(tmp_path):
     assert "jump_px" not in live["results"]["reset"]["0"]["colour"]  # a reset starts a new video
     assert [g["gate"].split(":")[0] for g in live["gates"]][:2] == ["cross blend 0", "cross blend 0"]
     media = json.loads((tmp_path / "media.json").read_text())["results"]
-    assert media["clips"] == 2 and {"start_error_px", "start_distance_px", "direction_accuracy"} <= set(
-        media["image_start"])
-    assert {"seam_jump_px", "seam_speed_ratio", "speed_ratio"} <= set(media["extension"])
+    assert media["clips"] == 2 and {"start_error_px", "start_distance_px", "colour_accuracy",
+                                    "direction_accuracy"} <= set(media["image_start"])
+    assert {"seam_jump_px", "seam_speed_ratio", "speed_ratio", "colour_accuracy"} <= set(media["extension"])
     levers = json.loads((tmp_path / "levers.json").read_text())["results"]
     assert len(levers) == 5 and all(r["block_ms"] > 0 for r in levers.values())
     assert (tmp_path / "levers.md").read_text().count("\n|") >= 6
