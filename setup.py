@@ -33,8 +33,8 @@ setup(
         "app": APP,
         # scripts/evaluate.py and reward_forcing.evaluation (OpenCV optical flow, colour statistics), report plots
         "eval": EVAL,
-        # everything a newcomer needs, and the tests (httpx: FastAPI's TestClient)
-        "dev": [*APP, *EVAL, "pytest>=8", "httpx>=0.27"],
+        # everything a newcomer needs, and the tests (httpx: FastAPI's TestClient; pytest-xdist: one worker per core)
+        "dev": [*APP, *EVAL, "pytest>=8", "pytest-xdist>=3.5", "httpx>=0.27"],
         # browser tests of the web app: the Playwright driver, run against the system chromium (apt install chromium)
         "browser": ["playwright>=1.40"],
         "wandb": ["wandb>=0.18"],

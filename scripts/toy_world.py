@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 class Stages:
     def __init__(self, args: argparse.Namespace):
-        self.args, self.out = args, Path(args.out)
+        self.args, self.out = args, Path(args.out).resolve()  # the trainings run in the repository root
         self.smoke = args.smoke
         self.out.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled",

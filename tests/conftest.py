@@ -26,6 +26,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The suite runs on every core (README: ``pytest -n auto``, one pytest-xdist worker per core): one torch thread per
+# worker, inherited by the processes the tests start, fills the cores without oversubscribing them, and a result
+# compared across processes is computed with the same thread count on both sides.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
@@ -99,3 +103,14 @@ def golden_tiny_model(golden_dir):
     assert ours == recorded, f"the 'tiny' flavor differs from tests/golden/wan_tiny_config.json: {ours} != {recorded}"
     model.load_state_dict(load_golden(golden_dir, "wan_tiny_weights.safetensors"), strict=True)
     return model.eval()
+
+
+# -- scheduling ------------------------------------------------------------------------------------------------
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs whole scripts for ten seconds or more; scheduled first")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: with parallel workers, the longest test then overlaps the rest of the suite instead of
+    starting last and running alone (the order is otherwise the collection order)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

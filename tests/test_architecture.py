@@ -205,6 +205,18 @@ def test_importing_the_pipeline_loads_no_higher_layer():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_a_toy_pipeline_loads_neither_transformers_nor_diffusers():
+    """transformers and diffusers are imported where the UMT5 encoder and the Wan VAE are built: a process that
+    only needs the toy world (every stage of scripts/toy_world.py) skips their seconds of import time."""
+    code = ("import sys\nfrom reward_forcing.config import load_config\nfrom reward_forcing.build import build_pipeline\n"
+            "import reward_forcing.training.trainer\n"
+            "pipe = build_pipeline(load_config('configs/toy/student.yaml'))\n"
+            "print(sorted(m for m in ('transformers', 'diffusers', 'tokenizers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_a_missing_extra_is_one_line_with_the_install_command(monkeypatch):
     from reward_forcing import extras
 

@@ -50,6 +50,7 @@ def test_inference_cli_writes_enlarged_toy_videos(tmp_path):
     assert (block.max(0) - block.min(0)).max() <= 8  # (up to the codec's rounding)
 
 
+@pytest.mark.slow
 def test_toy_studies_smoke(tmp_path):
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import toy_studies

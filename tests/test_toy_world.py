@@ -386,6 +386,7 @@ def test_student_pipeline_streams_toy_latents():
 
 
 # ----------------------------------------------------------------------------------------------- smoke
+@pytest.mark.slow
 def test_toy_world_smoke_runs_every_stage(tmp_path):
     """CI runs the smoke (every stage, a few steps); the gates are printed, not enforced."""
     out = tmp_path / "toy"
@@ -413,6 +414,18 @@ def test_toy_world_smoke_runs_every_stage(tmp_path):
     assert [g["gate"].split(" (")[0].split(":")[0] for g in study["gates"]][:3] == [
         "positive control", "tilt +1 vs dmd", "tilt -1 vs dmd"]
     assert (out / "redmd.md").stat().st_size > 0 and (out / "redmd_fast_fraction.png").stat().st_size > 0
+
+
+def test_a_relative_out_folder_is_taken_from_the_working_directory(tmp_path, monkeypatch):
+    """The trainings run in the repository root: a relative --out must not land there."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import toy_world
+
+    monkeypatch.chdir(tmp_path)
+    stages = toy_world.Stages(toy_world.parse_args(["--out", "runs/toy"]))
+    assert stages.out == tmp_path / "runs" / "toy" and stages.out.is_dir()
+    command = stages._train_command("dmd", stages.out / "dmd", [])
+    assert command[command.index("--logdir") + 1] == str(tmp_path / "runs" / "toy" / "dmd")
 
 
 def test_a_failed_stage_stops_the_trainings_running_beside_it(tmp_path):

@@ -213,6 +213,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path, capsys, one_thread):
     """The run to kill is a process of its own (SIGKILL: no handler, no cleanup runs); the others run here."""
     prompts = tmp_path / "p.txt"
@@ -299,6 +300,7 @@ def test_empty_prompt_file_and_bad_training_values(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_gloo(tmp_path):
     """2 CPU processes with FSDP2 over gloo (torchrun starts them): finite losses, weights change, ranks agree, and
     the run resumes in one process."""

@@ -19,10 +19,13 @@ import os
 import re
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import ftfy
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+if TYPE_CHECKING:  # transformers is imported where it is used: a toy run never loads it (seconds per process)
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from ..file_io import load_torch_file
 
@@ -108,6 +111,8 @@ def umt5_config_from_wan(vocab: int, dim: int, dim_attn: int, dim_ffn: int, num_
         raise ValueError("shared_pos=True (one position table for all layers) has no UMT5 equivalent")
     if dim_attn % num_heads:
         raise ValueError(f"dim_attn {dim_attn} is not divisible by num_heads {num_heads}")
+    from transformers import UMT5Config
+
     return UMT5Config(
         vocab_size=vocab, d_model=dim, d_kv=dim_attn // num_heads, d_ff=dim_ffn, num_layers=num_layers,
         num_heads=num_heads, relative_attention_num_buckets=num_buckets, relative_attention_max_distance=128,
@@ -126,6 +131,9 @@ def build_tiny_tokenizer(max_length: int = TEXT_LEN) -> PreTrainedTokenizerFast:
     Ids: 0 ``<pad>``, 1 ``</s>`` (appended to every sequence), 2 ``<unk>``, 3 ``▁`` (word start, as in
     SentencePiece), then the printable ASCII characters 33..126 (ids 4..97); everything fits a vocab of 256.
     """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + [chr(c) for c in range(33, 127)]
     tokenizer = Tokenizer(models.Unigram([(piece, -1.0) for piece in pieces], unk_id=2, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFKC()
@@ -164,6 +172,8 @@ class TextEncoder(torch.nn.Module):
         ``file_io``, which names a corrupt file in one line), so the 5.7B weights are never randomly initialised
         nor held twice before the final ``.to(device, dtype)``.
         """
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
         folder = Path(folder)
         checkpoint = _existing(folder / WAN_T5_CHECKPOINT, "Wan T5 checkpoint")
         tokenizer_dir = _existing(folder / WAN_T5_TOKENIZER_DIR, "umt5-xxl tokenizer folder")
@@ -184,6 +194,8 @@ class TextEncoder(torch.nn.Module):
         Every parameter is cast to ``dtype`` (transformers would otherwise keep the ``wo`` layers in fp32),
         matching Wan, which runs the whole encoder in one dtype.
         """
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
         folder = Path(folder)
         if (folder / "text_encoder").is_dir():
             encoder_dir, tokenizer_dir = folder / "text_encoder", folder / "tokenizer"
@@ -200,6 +212,8 @@ class TextEncoder(torch.nn.Module):
              text_len: int = TEXT_LEN) -> "TextEncoder":
         """Random tiny encoder (vocab 256, FFN 2*dim, the shape of ``t5_tiny.json`` by default) with the
         in-memory character tokenizer. Seeded without disturbing the global RNG; never touches a hub."""
+        from transformers import UMT5EncoderModel
+
         config = umt5_config_from_wan(vocab=256, dim=dim, dim_attn=dim, dim_ffn=2 * dim, num_heads=num_heads,
                                       num_layers=num_layers)
         with torch.random.fork_rng(devices=[]):
@@ -214,6 +228,8 @@ class TextEncoder(torch.nn.Module):
         """A real-size encoder (``umt5_xxl_config()`` by default) with random weights drawn on ``device`` and the
         character-level tokenizer (the real one ships with the checkpoint; prompts are padded to 512 tokens
         either way, so the encoder does the same work): for benchmarks, no download."""
+        from transformers import UMT5EncoderModel
+
         with torch.device("meta"):
             encoder = UMT5EncoderModel(config or umt5_xxl_config())
         encoder = encoder.to(dtype=dtype).to_empty(device=device)

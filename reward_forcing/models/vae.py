@@ -19,11 +19,12 @@ The VAE is frozen: every entry point runs under ``torch.no_grad``.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
-from diffusers import AutoencoderKLWan
-from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+if TYPE_CHECKING:  # diffusers is imported where it is used: a toy run never loads it (seconds per process)
+    from diffusers import AutoencoderKLWan
 
 from ..file_io import load_torch_file
 
@@ -80,6 +81,9 @@ class WanVAE(torch.nn.Module):
         created on the meta device and the converted tensors are assigned, so weights are materialised once;
         the resulting parameters keep the dtype/device of ``state_dict``. Loading is strict.
         """
+        from diffusers import AutoencoderKLWan
+        from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
         arch = {**WAN21_VAE_ARCH, **arch}
         with torch.device("meta"):
             model = AutoencoderKLWan(**arch)
@@ -97,6 +101,8 @@ class WanVAE(torch.nn.Module):
     def random(cls, arch: dict = WAN21_VAE_ARCH, seed: int = 0) -> "WanVAE":
         """A VAE of ``arch`` with diffusers' default initialisation under ``seed`` (the global RNG untouched): the
         real Wan2.1 architecture (127M parameters, a second or two on a CPU) for benchmarks, or ``TINY_VAE_ARCH``."""
+        from diffusers import AutoencoderKLWan
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoencoderKLWan(**arch)
