@@ -200,7 +200,7 @@ class Stages:
 # ------------------------------------------------------------------------------------------ evaluation
 def evaluate(stages: Stages, teacher: Path, student: Path, dmd: dict[tuple[float, int], Path]) -> dict:
     smoke, beta = stages.smoke, stages.args.beta
-    torch.set_num_threads(1)
+    torch.set_num_threads(stages.args.jobs)  # the trainings are over: the evaluation has the cores
     cfg = load_config(CONFIGS["dmd"], [*stages.args.overrides, f"training.generator_ckpt={student}",
                                        f"training.teacher_ckpt={teacher}"])  # e.g. causal.* for the students
     repeats, any_repeats, blocks = (1, 1, 4) if smoke else (4, 8, 40)
@@ -355,7 +355,7 @@ def redmd_evaluate(stages: Stages, teacher: Path, control: Path, runs: dict[tupl
     """Fast fraction on the 'any' prompts (fixed noise) along each run, the other metrics at its end, the paired
     bootstrap of every method against plain DMD, and the prediction for the tilted critic."""
     smoke, beta = stages.smoke, stages.args.beta
-    torch.set_num_threads(1)
+    torch.set_num_threads(stages.args.jobs)  # the trainings are over: the evaluation has the cores
     cfg = load_config(CONFIGS["dmd"], [f"training.teacher_ckpt={teacher}", *stages.args.overrides])
     text = build_text_encoder(cfg)
     bimodal = ev.eval_prompts(("any",), 1 if smoke else 8)[:4 if smoke else None]
@@ -363,7 +363,10 @@ def redmd_evaluate(stages: Stages, teacher: Path, control: Path, runs: dict[tupl
     results: dict = {"teacher_fast_fraction": {}, "curves": {}, "final": {}, "fast": {}}
     for name, weights in (("teacher", teacher), ("control teacher", control)):
         model = build_dit(cfg, "toy", weights=weights, what="teacher").eval()
-        v = ev.sample_teacher_videos(model, text, bimodal, steps=4 if smoke else 32)
+        # At the guidance the DMD runs used, the teacher they converge to. DMD's real score is the reference's
+        # cond + s (cond - uncond) (losses.dmd_gradient), the sampler's uncond + (s + 1) (cond - uncond).
+        v = ev.sample_teacher_videos(model, text, bimodal, steps=4 if smoke else 32,
+                                     guidance_scale=cfg.training.guidance_scale + 1)
         results["teacher_fast_fraction"][name] = (ev.metrics.net_motion(v) > ev.FAST_THRESHOLD).float().mean().item()
     rewards = {}
     for (method, seed), run in sorted(runs.items()):
