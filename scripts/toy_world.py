@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="redmd: the positive control's teacher is fine-tuned on a world whose 'any' clips are fast "
                         "with this probability (default 0.63)")
     p.add_argument("--control_steps", type=int, default=600, help="redmd: the control teacher's fine-tuning steps")
+    p.add_argument("--evaluate_only", action="store_true",
+                   help="redmd: train nothing; evaluate the runs that finished (a method missing on a seed is left "
+                        "out of that seed's comparisons)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the DMD runs")
     return p.parse_intermixed_args(argv)
 
@@ -135,6 +138,10 @@ class Stages:
         for name, config, overrides in jobs:
             logdir = self.out / name
             exports.append(logdir / EXPORT)
+            steps = load_config(CONFIGS[config], overrides).training.max_steps
+            if not exports[-1].is_file() and finished(logdir, steps) and not self.args.force:
+                # finished before the run that started it was stopped (its export was not copied out yet)
+                shutil.copyfile(sorted(logdir.glob("checkpoint_model_*/model.pt"))[-1], exports[-1])
             if exports[-1].is_file() and not self.args.force:
                 print(f"reuse {exports[-1]}")
                 continue
@@ -335,20 +342,31 @@ def redmd_runs(stages: Stages, teacher: Path, student: Path) -> tuple[Path, dict
               f"training.dfake_gen_update_ratio={ratio}", f"training.max_steps={total}",
               f"training.save_every={max(ratio, total // 3 // ratio * ratio)}",
               *(["training.batch_size=2"] if smoke else []), *args.overrides]
+    seeds = range(1 if smoke else args.seeds)
+    # The tilted critic's comparisons first, every seed, then Re-DMD and the control: a study cut short (--evaluate_only
+    # on what finished) still has its main gates on every seed
+    order = [(m, s) for group in (("dmd", "tilt +1", "tilt -1"), ("re-dmd", "control")) for s in seeds for m in group]
     jobs = []
-    for seed in range(1 if smoke else args.seeds):
-        for method, overrides in REDMD_METHODS.items():
-            scores = control if method == "control" else teacher
-            beta = [f"training.beta={args.beta}"] if method == "re-dmd" else []
-            jobs.append((f"redmd_{method.replace(' ', '')}_seed{seed}", "dmd",
-                         [*common, f"training.teacher_ckpt={scores}", f"training.critic_ckpt={scores}",
-                          f"training.seed={seed}", *overrides, *beta]))
+    for method, seed in order:
+        scores = control if method == "control" else teacher
+        beta = [f"training.beta={args.beta}"] if method == "re-dmd" else []
+        jobs.append((redmd_run_name(method, seed), "dmd",
+                     [*common, f"training.teacher_ckpt={scores}", f"training.critic_ckpt={scores}",
+                      f"training.seed={seed}", *REDMD_METHODS[method], *beta]))
+    if args.evaluate_only:  # what finished: a run counts once it exported its last step
+        return control, {key: stages.out / name for key, (name, _, _) in zip(order, jobs)
+                         if finished(stages.out / name, total)}
     exports = stages.train(jobs)
-    runs = {}
-    for (name, _, _), export in zip(jobs, exports):
-        method = next(m for m in REDMD_METHODS if name.startswith(f"redmd_{m.replace(' ', '')}_seed"))
-        runs[(method, int(name.rsplit("seed", 1)[1]))] = export.parent
-    return control, runs
+    return control, {key: export.parent for key, export in zip(order, exports)}
+
+
+def redmd_run_name(method: str, seed: int) -> str:
+    return f"redmd_{method.replace(' ', '')}_seed{seed}"
+
+
+def finished(run: Path, steps: int) -> bool:
+    exports = sorted(run.glob("checkpoint_model_*/model.pt"))
+    return bool(exports) and int(exports[-1].parent.name.rsplit("_", 1)[1]) == steps
 
 
 def redmd_evaluate(stages: Stages, teacher: Path, control: Path, runs: dict[tuple[str, int], Path]) -> dict:
@@ -382,26 +400,32 @@ def redmd_evaluate(stages: Stages, teacher: Path, control: Path, runs: dict[tupl
                 rewards[(method, seed)] = motion / ev.WORLD.fast_speed
                 v = ev.sample_student_videos(pipe, others)
                 results["final"].setdefault(method, []).append(ev.as_dict(ev.group_metrics(v, others)))
-    seeds = sorted({seed for _, seed in runs})
     table = {}
-    for method in REDMD_METHODS:
+    for method in REDMD_METHODS:  # each method on the seeds where it and plain DMD both finished
+        seeds = sorted(s for m, s in runs if m == method and ("dmd", s) in runs)
+        if not seeds:
+            continue
         per_seed = [results["fast"][(method, s)].float().mean().item() for s in seeds]
         base = [results["fast"][("dmd", s)].float().mean().item() for s in seeds]
         diff = torch.stack([results["fast"][(method, s)].float() - results["fast"][("dmd", s)].float() for s in seeds])
         mean, low, high = ev.bootstrap_mean_ci(diff)
         finals = results["final"][method]
-        table[method] = {"fast_fraction": per_seed, "dmd_fast_fraction": base, "difference": mean, "ci95": [low, high],
+        table[method] = {"seeds": seeds, "fast_fraction": per_seed, "dmd_fast_fraction": base, "difference": mean,
+                         "ci95": [low, high],
                          **{key: sum(f[group][metric] for f in finals) / len(finals) for key, group, metric in [
                              ("static_motion", "static", "net_motion"), ("fast_motion", "fast", "net_motion"),
                              ("direction", "fast", "direction_accuracy"), ("flicker", "all", "flicker"),
                              ("colour", "all", "colour_accuracy"), ("blobs", "all", "blobs_per_frame")]}}
     # The prediction: the tilt multiplies the odds of the fast mode by exp(beta * reward gap between the modes)
-    r = torch.cat([rewards[("dmd", s)] for s in seeds])
-    f = torch.cat([results["fast"][("dmd", s)] for s in seeds])
+    dmd_seeds = table["dmd"]["seeds"]
+    r = torch.cat([rewards[("dmd", s)] for s in dmd_seeds])
+    f = torch.cat([results["fast"][("dmd", s)] for s in dmd_seeds])
     gap = (r[f].mean() - r[~f].mean()).item() if f.any() and (~f).any() else 1.0
-    p0 = sum(table["dmd"]["fast_fraction"]) / len(seeds)
+    p0 = sum(table["dmd"]["fast_fraction"]) / len(dmd_seeds)
     odds = p0 / max(1e-6, 1 - p0)
     for method, b in (("tilt +1", 1.0), ("tilt -1", -1.0), ("re-dmd", 0.0)):  # Re-DMD's fixed point is the teacher
+        if method not in table:
+            continue
         predicted = odds * math.exp(b * gap)
         table[method]["predicted_fast_fraction"] = predicted / (1 + predicted)
     results["reward_gap"] = gap
@@ -419,20 +443,31 @@ def redmd_gates(results: dict) -> list[dict]:
         rows.append({"stage": "re-dmd study", "gate": name, "value": value, "threshold": threshold, "data": "",
                      "pass": bool(ok), "kind": kind})
 
-    control = t["control"]
-    gate(f"positive control: student toward a teacher at {results['teacher_fast_fraction']['control teacher']:.2f} "
-         f"fast (CI {control['ci95'][0]:+.3f}..{control['ci95'][1]:+.3f})", control["difference"],
-         control["ci95"][0] > 0, "CI above 0")
+    def seeds(m):
+        return f"{len(m['seeds'])} seed{'s' if len(m['seeds']) > 1 else ''}"
+
+    missing = [m for m in ("control", "tilt +1", "tilt -1", "re-dmd") if m not in t]
+    for method in missing:  # a study cut short: said, and failed, never passed silently
+        gate(f"{method}: no finished run", float("nan"), False, "a finished run per seed")
+    if "control" in t:
+        control = t["control"]
+        gate(f"positive control: student toward a teacher at "
+             f"{results['teacher_fast_fraction']['control teacher']:.2f} fast ({seeds(control)}, CI "
+             f"{control['ci95'][0]:+.3f}..{control['ci95'][1]:+.3f})", control["difference"],
+             control["ci95"][0] > 0, "CI above 0")
     for method, sign in (("tilt +1", 1), ("tilt -1", -1)):
+        if method not in t:
+            continue
         m = t[method]
         every = all(sign * (a - b) > 0 for a, b in zip(m["fast_fraction"], m["dmd_fast_fraction"]))
         excludes = m["ci95"][0] > 0 if sign > 0 else m["ci95"][1] < 0
-        gate(f"{method} vs dmd (CI {m['ci95'][0]:+.3f}..{m['ci95'][1]:+.3f}; predicted "
+        gate(f"{method} vs dmd ({seeds(m)}, CI {m['ci95'][0]:+.3f}..{m['ci95'][1]:+.3f}; predicted "
              f"{m['predicted_fast_fraction'] - sum(m['dmd_fast_fraction']) / len(m['dmd_fast_fraction']):+.3f})",
              m["difference"], every and excludes, f"{'>' if sign > 0 else '<'} 0 every seed, CI excludes 0")
-    m = t["re-dmd"]
-    gate(f"re-dmd beta {results['beta']:g} vs dmd (CI {m['ci95'][0]:+.3f}..{m['ci95'][1]:+.3f}), reported",
-         m["difference"], True, "reported")
+    if "re-dmd" in t:
+        m = t["re-dmd"]
+        gate(f"re-dmd beta {results['beta']:g} vs dmd ({seeds(m)}, CI {m['ci95'][0]:+.3f}..{m['ci95'][1]:+.3f}), "
+             "reported", m["difference"], True, "reported")
     return rows
 
 
@@ -441,7 +476,7 @@ def redmd_report(out: Path, results: dict, rows: list[dict]) -> Path:
              "direction | flicker | colour | blobs/frame |", "|" + "---|" * 11]
     for method, m in results["table"].items():
         pred = m.get("predicted_fast_fraction")
-        lines.append(f"| {method} | {' / '.join(f'{x:.3f}' for x in m['fast_fraction'])} | "
+        lines.append(f"| {method} | {' / '.join(f'{x:.3f} (seed {s})' for x, s in zip(m['fast_fraction'], m['seeds']))} | "
                      f"{sum(m['fast_fraction']) / len(m['fast_fraction']):.3f} | {m['difference']:+.3f} "
                      f"({m['ci95'][0]:+.3f}..{m['ci95'][1]:+.3f}) | {'-' if pred is None else f'{pred:.3f}'} | "
                      f"{m['static_motion']:.3f} | {m['fast_motion']:.3f} | {m['direction'] or 0:.3f} | "
@@ -460,6 +495,9 @@ def redmd_report(out: Path, results: dict, rows: list[dict]) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.evaluate_only and args.study != "redmd":
+        print("error: --evaluate_only evaluates the Re-DMD study's runs: add --study redmd", file=sys.stderr)
+        return 2
     if args.seeds < 1 or args.jobs < 1 or args.pairs < 1 or args.gen_updates < 1 or args.critic_ratio < 1:
         print("error: --seeds, --jobs, --pairs, --gen_updates and --critic_ratio must be >= 1", file=sys.stderr)
         return 2

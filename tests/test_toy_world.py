@@ -428,6 +428,29 @@ def test_a_relative_out_folder_is_taken_from_the_working_directory(tmp_path, mon
     assert command[command.index("--logdir") + 1] == str(tmp_path / "runs" / "toy" / "dmd")
 
 
+def test_a_study_cut_short_reuses_finished_runs_and_reports_what_is_missing(tmp_path, capsys):
+    """Runs that exported their last step count as finished (a stopped study's are reused, not retrained);
+    --evaluate_only takes only those; a method without a finished run is a failed gate, never a silent pass."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import toy_world
+
+    run = tmp_path / "redmd_dmd_seed0"
+    for step in (2, 4):
+        (run / f"checkpoint_model_{step:06d}").mkdir(parents=True)
+        (run / f"checkpoint_model_{step:06d}" / "model.pt").write_bytes(b"x")
+    assert toy_world.finished(run, 4) and not toy_world.finished(run, 6) and not toy_world.finished(tmp_path, 4)
+    args = toy_world.parse_args(["--out", str(tmp_path), "--study", "redmd"])
+    (export,) = toy_world.Stages(args).train([("redmd_dmd_seed0", "dmd", ["training.max_steps=4"])])
+    assert export.read_bytes() == b"x" and "reuse" in capsys.readouterr().out  # not retrained
+    assert toy_world.main(["--out", str(tmp_path), "--evaluate_only"]) == 2
+    assert "add --study redmd" in capsys.readouterr().err
+    entry = {"seeds": [0], "fast_fraction": [0.6], "dmd_fast_fraction": [0.5], "difference": 0.1, "ci95": [0.05, 0.15],
+             "predicted_fast_fraction": 0.7}
+    rows = toy_world.redmd_gates({"table": {"dmd": entry, "tilt +1": entry}, "teacher_fast_fraction": {}, "beta": 3})
+    verdicts = {r["gate"].split(" (")[0].split(":")[0]: r["pass"] for r in rows}
+    assert verdicts == {"control": False, "tilt -1": False, "re-dmd": False, "tilt +1 vs dmd": True}
+
+
 def test_a_failed_stage_stops_the_trainings_running_beside_it(tmp_path):
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import toy_world
