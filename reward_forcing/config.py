@@ -87,6 +87,22 @@ class TextConfig:
     start_prompt: str = ""  # the web app's first prompt ('': the page's sample scene); a toy config needs its own
 
 
+# The transformer layers' linear maps (attention q/k/v/o, self and cross, and the FFN), as peft matches module names
+LORA_TARGETS = ["q", "k", "v", "o", "ffn.0", "ffn.2"]
+
+
+@dataclass
+class LoraSettings:
+    """Low-rank adapters instead of full fine-tuning (training/lora.py, with peft): the trained DiT's weights are
+    frozen (in bf16 on a GPU) and only ``rank``-dimensional adapters on ``targets`` train; every export merges them
+    into plain weights, so inference loads the result like any other checkpoint."""
+
+    rank: int = 0  # 0: off (full fine-tuning, the reference)
+    alpha: float = 0.0  # adapter scale alpha / rank; 0 means alpha = rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # module-name suffixes (peft)
+    critic: bool = False  # dmd: the critic trains adapters too (else it is fully fine-tuned)
+
+
 @dataclass
 class TrainingConfig:
     """Re-DMD settings of the reference run (docs/differences.md lists where training departs from it).
@@ -155,6 +171,7 @@ class TrainingConfig:
     score_timestep_shift: float = 8.0  # grid of the teacher/critic x0 <-> flow conversions (reference: 8)
     critic_flow_from_x0: bool = False  # reference: critic flow = (x_t - x0)/sigma on the shift-5 grid
     wandb_project: str = "reward-forcing"
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -243,6 +260,11 @@ def _validate_training(tr: TrainingConfig, num_train_timesteps: int, fail) -> No
             fail(f"training.{key}", f"must be in [0, 1), got {getattr(tr, key)}")
     if not 0 <= tr.ema_weight <= 1:
         fail("training.ema_weight", f"must be in [0, 1], got {tr.ema_weight}")
+    if tr.lora.rank < 0 or tr.lora.alpha < 0:
+        fail("training.lora", f"rank and alpha must be >= 0 (rank 0: no adapters), got rank {tr.lora.rank} and "
+             f"alpha {tr.lora.alpha}")
+    if tr.lora.rank and not tr.lora.targets:
+        fail("training.lora.targets", f"is empty; name the linear layers to adapt, e.g. {LORA_TARGETS}")
     if not 0 <= tr.min_timestep < tr.max_timestep <= num_train_timesteps:
         fail("training.min_timestep", f"need 0 <= min_timestep < max_timestep <= {num_train_timesteps}, got "
              f"{tr.min_timestep} and {tr.max_timestep}")
