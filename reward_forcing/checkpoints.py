@@ -41,7 +41,7 @@ __all__ = [
     "RELEASED_GENERATOR", "WAN_VAE", "WAN_T5", "WAN_TOKENIZER", "DIT_CONFIG", "DIT_SAFETENSORS",
     "DIT_SAFETENSORS_INDEX", "DIT_NUM_KEYS", "ASSETS", "Asset",
     "read_state_dict", "select_generator_weights", "load_generator_state_dict",
-    "load_weights", "export_reference_checkpoint", "merge_lora",
+    "load_weights", "export_reference_checkpoint", "merge_lora", "load_lora_file",
     "resolve_checkpoint_root", "require_file", "asset_path", "find_video_reward_dir",
 ]
 
@@ -324,6 +324,18 @@ def load_generator_state_dict(path: str | os.PathLike, use_ema: bool = False) ->
 _LORA_SUFFIXES = (".base_layer.weight", ".base_layer.bias")
 
 
+def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The generator's adapters in a LoRA file: its ``generator_lora`` entry (LongLive's ``lora.pt`` holds
+    ``{generator_lora, critic_lora, step}``), or the whole file when it is flat. Keys as saved (peft's)."""
+    obj = read_state_dict(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("generator_lora"), Mapping):
+        obj = obj["generator_lora"]
+    if not isinstance(obj, Mapping) or not any(".lora_A." in k for k in obj):
+        raise ValueError(f"'{path}' holds no LoRA adapters (no '.lora_A.' keys; top-level keys: "
+                         f"{sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__})")
+    return dict(obj)
+
+
 def merge_lora(state_dict: Mapping[str, torch.Tensor], scaling: float, *, adapter: str = "default",
                lora: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Plain DiT keys with low-rank adapters folded in: ``W = W0 + scaling * B @ A`` (peft's merge, in float32,
@@ -336,8 +348,9 @@ def merge_lora(state_dict: Mapping[str, torch.Tensor], scaling: float, *, adapte
     """
     adapters: dict[str, dict[str, torch.Tensor]] = {}
     base: dict[str, torch.Tensor] = {}
-    for key, value in {**state_dict, **(lora or {})}.items():
-        key = key.removeprefix("base_model.model.")
+    lora = {normalize_key(k.removeprefix("base_model.model."), strip_prefix=_WRAPPER_PREFIX): v
+            for k, v in (lora or {}).items()}
+    for key, value in {**state_dict, **lora}.items():
         for part in ("A", "B"):
             marker = f".lora_{part}.{adapter}.weight"
             if key.endswith(marker) or key.endswith(f".lora_{part}.weight"):

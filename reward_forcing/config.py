@@ -48,6 +48,12 @@ class ModelConfig:
     # that ships its weights, e.g. configs/toy/student.yaml, works from any directory); as a command-line
     # override it is from the working directory, like every other path here.
     checkpoint: str = ""
+    use_ema: bool = False  # load its generator_ema (as --use_ema does; configs/community/ set what each release needs)
+    # A LoRA file merged into the generator weights at load (peft keys, e.g. LongLive's lora.pt; its generator_lora
+    # when the file holds several), scaled by lora_scale (= its alpha / rank). A relative path is resolved like
+    # model.checkpoint's.
+    lora: str = ""
+    lora_scale: float = 1.0
     gradient_checkpointing: bool = True
     rope_precision: str = "float64"  # float64 (reference numerics) | float32 (faster on GPU, ~1e-6 apart)
     compile: bool = False  # torch.compile the generator's blocks for inference (one graph for all layers)
@@ -290,9 +296,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               "reward_forcing.yaml, tiny.yaml)")
         source = str(path)
         file_cfg = OmegaConf.load(path)
-        weights = OmegaConf.select(file_cfg, "model.checkpoint", default=None)
-        if weights and not Path(weights).is_absolute():
-            file_cfg.model.checkpoint = str(path.parent / weights)
+        for key in ("checkpoint", "lora"):  # weights a config names are found from any working directory
+            weights = OmegaConf.select(file_cfg, f"model.{key}", default=None)
+            if weights and not Path(weights).is_absolute():
+                file_cfg.model[key] = str(path.parent / weights)
         cfg = _merge(cfg, file_cfg, source)
     if overrides:
         source = f"{source} + overrides {overrides}"
