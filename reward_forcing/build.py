@@ -17,6 +17,7 @@ from .models.kv_cache import CausalSpec
 from .interfaces import Decoder, Registry, Reward, TextEncoderLike
 from .models.text_encoder import TextEncoder
 from .models.vae import WAN21_VAE_ARCH, IdentityVAE, WanVAE
+from .quantize import quantize
 from .models.wan import WanConfig, WanModel, init_random_, init_weights_
 from .pipeline import StreamingPipeline
 from .streaming import StreamSettings, latent_size
@@ -103,8 +104,9 @@ def build_generator(cfg: Config, *, checkpoint: str | Path | None = None, use_em
 
 
 def build_inference_generator(cfg: Config, **kwargs) -> WanModel:
-    """The generator for streaming inference: ``build_generator`` plus ``model.compile`` (mode, fallback)."""
-    model = build_generator(cfg, **kwargs)
+    """The generator for streaming inference: ``build_generator`` plus ``model.quantize`` and ``model.compile``
+    (mode, fallback)."""
+    model = quantize(build_generator(cfg, **kwargs), cfg.model.quantize)
     if cfg.model.compile:
         model.compile_layers(cfg.model.compile_mode, fallback=cfg.model.compile_fallback)
     return model
@@ -185,7 +187,7 @@ def build_pipeline(cfg: Config, *, checkpoint: str | Path | None = None, use_ema
     latent_size(vae, WanConfig.from_flavor(cfg.model.generator).patch_size, cfg.video.height, cfg.video.width)
     generator = build_inference_generator(cfg, checkpoint=checkpoint or cfg.model.checkpoint or None, use_ema=use_ema,
                                           device=device, dtype=dtype)
-    text_device = text_encoder_device or ("cpu" if cfg.text.offload_text_encoder else device)
+    text_device = text_encoder_device or cfg.text.encoder_device or ("cpu" if cfg.text.offload_text_encoder else device)
     text_encoder = build_text_encoder(cfg, device=text_device, dtype=dtype)
     return StreamingPipeline(generator, text_encoder, vae, stream_settings(cfg))
 

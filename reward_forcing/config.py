@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .compile import COMPILE_FALLBACKS, COMPILE_MODES
 from .models.kv_cache import CausalSpec
+from .quantize import QUANTIZE_MODES
 from .models.wan import WAN_FLAVORS
 from .schedule import NUM_TRAIN_TIMESTEPS
 from .streaming import StreamSettings
@@ -56,6 +57,9 @@ class ModelConfig:
     lora_scale: float = 1.0
     gradient_checkpointing: bool = True
     rope_precision: str = "float64"  # float64 (reference numerics) | float32 (faster on GPU, ~1e-6 apart)
+    # Inference: weight quantization of the generator's transformer layers (quantize.py, optimum-quanto): none |
+    # int8 | fp8 (weights only, on CPUs and GPUs)
+    quantize: str = "none"
     compile: bool = False  # torch.compile the generator's blocks for inference (one graph for all layers)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     compile_fallback: str = "error"  # error: a failed compile stops the run | eager: warn and run eager
@@ -90,6 +94,9 @@ class VideoConfig:
 class TextConfig:
     negative_prompt: str = WAN_NEGATIVE_PROMPT  # used by the teacher's CFG in training
     offload_text_encoder: bool = _STREAM.offload_text_encoder  # UMT5 parked on the CPU, on the GPU only to encode
+    # Where the text encoder runs: '' = the generator's device; 'cpu' keeps umt5-xxl (11.4 GB in bf16) off the GPU
+    # altogether, at seconds per prompt (16 GB cards: docs/memory.md)
+    encoder_device: str = ""
     start_prompt: str = ""  # the web app's first prompt ('': the page's sample scene); a toy config needs its own
 
 
@@ -203,6 +210,10 @@ def _validate(cfg: Config, source: str) -> None:
     for key in ("generator", "critic", "teacher"):
         if getattr(cfg.model, key) not in WAN_FLAVORS:
             fail(f"model.{key}", f"{getattr(cfg.model, key)!r} is not one of {tuple(WAN_FLAVORS)}")
+    if cfg.text.encoder_device not in ("", "cpu"):
+        fail("text.encoder_device", f"{cfg.text.encoder_device!r} is not '' (the generator's device) or 'cpu'")
+    if cfg.model.quantize not in QUANTIZE_MODES:
+        fail("model.quantize", f"{cfg.model.quantize!r} is not one of {QUANTIZE_MODES}")
     if cfg.model.rope_precision not in ("float64", "float32"):
         fail("model.rope_precision", f"{cfg.model.rope_precision!r} is not 'float64' or 'float32'")
     if cfg.model.compile_mode not in COMPILE_MODES:
