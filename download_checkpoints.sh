@@ -7,7 +7,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: bash download_checkpoints.sh [--train] [--root DIR] [--prompts-dir DIR]
+Usage: bash download_checkpoints.sh [--train] [--community] [--root DIR] [--prompts-dir DIR]
 
 Inference assets (default):
   Wan-AI/Wan2.1-T2V-1.3B              -> ROOT/Wan2.1-T2V-1.3B        (DiT, VAE, T5, tokenizer)
@@ -21,10 +21,19 @@ Inference assets (default):
   gdhe17/Self-Forcing checkpoints/ode_init.pt -> ROOT/ode_init.pt     (student initialisation)
   gdhe17/Self-Forcing vidprom_filtered_extended.txt -> PROMPTS/vidprom_filtered_extended.txt
 
+--community also fetches the other releases of the same architecture (configs/community/, docs/community.md):
+  gdhe17/Self-Forcing checkpoints/self_forcing_dmd.pt        -> ROOT/community/self_forcing_dmd.pt
+  zhuhz22/Causal-Forcing chunkwise/causal_forcing.pt         -> ROOT/community/causal_forcing_chunkwise.pt
+  zhuhz22/Causal-Forcing framewise/causal_forcing.pt         -> ROOT/community/causal_forcing_framewise.pt
+  Efficient-Large-Model/LongLive-1.3B models/longlive_base.pt -> ROOT/community/longlive_base.pt
+  Efficient-Large-Model/LongLive-1.3B models/lora.pt         -> ROOT/community/longlive_lora.pt
+  TencentARC/RollingForcing checkpoints/rolling_forcing_dmd.pt -> ROOT/community/rolling_forcing_dmd.pt
+
 Options:
   --root DIR         checkpoint root (default: checkpoints)
   --prompts-dir DIR  where the training prompt list goes (default: prompts)
   --train            also download the training assets
+  --community        also download the community checkpoints (about 30 GB)
   -h, --help         show this help
 
 Needs the Hugging Face CLI: pip install -U "huggingface_hub[cli]"  (provides `hf`;
@@ -36,9 +45,11 @@ EOF
 ROOT="checkpoints"
 PROMPTS_DIR="prompts"
 TRAIN=0
+COMMUNITY=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --train) TRAIN=1; shift ;;
+    --community) COMMUNITY=1; shift ;;
     --root) [[ $# -ge 2 ]] || { echo "error: --root needs a folder" >&2; exit 2; }; ROOT="$2"; shift 2 ;;
     --root=*) ROOT="${1#*=}"; shift ;;
     --prompts-dir) [[ $# -ge 2 ]] || { echo "error: --prompts-dir needs a folder" >&2; exit 2; }; PROMPTS_DIR="$2"; shift 2 ;;
@@ -205,6 +216,20 @@ if [[ "$TRAIN" == 1 ]]; then
   fetch_file "ODE init" "gdhe17/Self-Forcing" "checkpoints/$ODE_INIT" "$ROOT/$ODE_INIT"
   mkdir -p "$PROMPTS_DIR"
   fetch_file "VidProM prompts" "gdhe17/Self-Forcing" "$VIDPROM" "$PROMPTS_DIR/$VIDPROM"
+fi
+
+if [[ "$COMMUNITY" == 1 ]]; then
+  mkdir -p "$ROOT/community"
+  fetch_file "Self Forcing" "gdhe17/Self-Forcing" "checkpoints/self_forcing_dmd.pt" "$ROOT/community/self_forcing_dmd.pt"
+  fetch_file "Causal Forcing (chunk-wise)" "zhuhz22/Causal-Forcing" "chunkwise/causal_forcing.pt" \
+    "$ROOT/community/causal_forcing_chunkwise.pt"
+  fetch_file "Causal Forcing (frame-wise)" "zhuhz22/Causal-Forcing" "framewise/causal_forcing.pt" \
+    "$ROOT/community/causal_forcing_framewise.pt"
+  fetch_file "LongLive base" "Efficient-Large-Model/LongLive-1.3B" "models/longlive_base.pt" \
+    "$ROOT/community/longlive_base.pt"
+  fetch_file "LongLive LoRA" "Efficient-Large-Model/LongLive-1.3B" "models/lora.pt" "$ROOT/community/longlive_lora.pt"
+  fetch_file "Rolling Forcing" "TencentARC/RollingForcing" "checkpoints/rolling_forcing_dmd.pt" \
+    "$ROOT/community/rolling_forcing_dmd.pt"
 fi
 
 echo "Done. Checkpoints are in $ROOT/."

@@ -96,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offload_text_encoder", action="store_true",
                    help="park UMT5 on the CPU and move it to the GPU only to encode each prompt (saves ~11 GB "
                         "of GPU memory between prompts, for 16 GB cards)")
+    p.add_argument("--quantize", default=None, choices=["none", "int8", "fp8"],
+                   help="quantize the weights of the generator's transformer layers (optimum-quanto, the [quant] "
+                        "extra): int8 or fp8, on CPUs and GPUs. Default: the config's model.quantize (none). Memory "
+                        "per card: docs/memory.md")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the generator's blocks (first video slower; later processes load the "
                         "compiled code from inductor's cache, $TORCHINDUCTOR_CACHE_DIR)")
@@ -161,6 +165,8 @@ def setup(args):
         overrides.append(f"video.num_output_frames={args.num_output_frames}")
     if args.offload_text_encoder:
         overrides.append("text.offload_text_encoder=true")
+    if args.quantize is not None:
+        overrides.append(f"model.quantize={args.quantize}")
     if args.compile:
         overrides.append("model.compile=true")
     if args.compile_mode is not None:

@@ -17,6 +17,7 @@ requirements = [
 
 APP = ["fastapi>=0.110", "uvicorn>=0.29", "websockets>=12"]
 EVAL = ["opencv-python-headless>=4.8", "matplotlib>=3.7"]
+QUANT = ["optimum-quanto>=0.2.7"]
 
 setup(
     name="reward-forcing",
@@ -34,7 +35,9 @@ setup(
         # scripts/evaluate.py and reward_forcing.evaluation (OpenCV optical flow, colour statistics), report plots
         "eval": EVAL,
         # everything a newcomer needs, and the tests (httpx: FastAPI's TestClient; pytest-xdist: one worker per core)
-        "dev": [*APP, *EVAL, "pytest>=8", "pytest-xdist>=3.5", "httpx>=0.27"],
+        # quantized inference (model.quantize, inference.py --quantize)
+        "quant": QUANT,
+        "dev": [*APP, *EVAL, *QUANT, "pytest>=8", "pytest-xdist>=3.5", "httpx>=0.27"],
         # browser tests of the web app: the Playwright driver, run against the system chromium (apt install chromium)
         "browser": ["playwright>=1.40"],
         "wandb": ["wandb>=0.18"],

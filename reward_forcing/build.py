@@ -17,6 +17,7 @@ from .models.kv_cache import CausalSpec
 from .interfaces import Decoder, Registry, Reward, TextEncoderLike
 from .models.text_encoder import TextEncoder
 from .models.vae import WAN21_VAE_ARCH, IdentityVAE, WanVAE
+from .quantize import quantize
 from .models.wan import WanConfig, WanModel, init_random_, init_weights_
 from .pipeline import StreamingPipeline
 from .streaming import StreamSettings, latent_size
@@ -40,15 +41,19 @@ def _config_for(flavor: str, folder: Path | None) -> WanConfig:
 
 def build_dit(cfg: Config, flavor: str, *, causal: CausalSpec | None = None, weights: str | Path | None = None,
               use_ema: bool = False, seed: int = 0, device="cpu", dtype=torch.float32, what: str = "generator",
-              init: str = "debug") -> WanModel:
+              init: str = "debug", lora: str | Path | None = None, lora_scale: float = 1.0) -> WanModel:
     """A Wan DiT of ``flavor``.
 
     With ``cfg.model.random_init`` (tiny debug runs) and no ``weights``: random non-degenerate weights.
     Otherwise ``weights`` (a generator / trainer / ode_init checkpoint) if given, else the base Wan2.1
     folder of that size under ``cfg.checkpoint_root``. The model is built on the meta device and the weights
-    are assigned, so a 14B model is never initialised just to be overwritten.
+    are assigned, so a 14B model is never initialised just to be overwritten. ``lora``: a LoRA file merged into
+    the weights first (``checkpoints.merge_lora``, scale ``lora_scale``).
     """
     if weights is None and cfg.model.random_init:
+        if lora:
+            raise ValueError(f"model.lora={lora} needs weights to merge into, but model.random_init is set and no "
+                             f"{what} checkpoint was given")
         if init != "reference" and flavor not in ("tiny", "toy"):
             # Real sizes (benchmarks): allocated on the target device in the target dtype and filled there, with
             # no CPU copy and no float32 detour (init_random_ draws on each parameter's device). tiny and toy
@@ -77,6 +82,10 @@ def build_dit(cfg: Config, flavor: str, *, causal: CausalSpec | None = None, wei
         source = folder
         state = ckpt.read_state_dict(folder)
         model_cfg = _config_for(flavor, folder)
+    if lora:
+        adapters = ckpt.load_lora_file(ckpt.require_file(lora, f"LoRA of the {what} (model.lora)"))
+        state = ckpt.merge_lora(state, lora_scale, lora=adapters)
+        log.info("merged the LoRA %s into the %s (scale %g)", lora, what, lora_scale)
     with torch.device("meta"):
         model = WanModel(model_cfg, causal)
     ckpt.load_weights(model, state, what=what, source=str(source))
@@ -87,15 +96,17 @@ def build_dit(cfg: Config, flavor: str, *, causal: CausalSpec | None = None, wei
 def build_generator(cfg: Config, *, checkpoint: str | Path | None = None, use_ema: bool = False, device="cpu",
                     dtype=torch.float32) -> WanModel:
     """The causal student, with the attention pattern of ``cfg.causal``."""
-    model = build_dit(cfg, cfg.model.generator, causal=cfg.causal, weights=checkpoint, use_ema=use_ema,
-                      device=device, dtype=dtype, what="generator")
+    model = build_dit(cfg, cfg.model.generator, causal=cfg.causal, weights=checkpoint,
+                      use_ema=use_ema or cfg.model.use_ema, device=device, dtype=dtype, what="generator",
+                      lora=cfg.model.lora or None, lora_scale=cfg.model.lora_scale)
     model.rope.precision = getattr(torch, cfg.model.rope_precision)
     return model.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
 
 
 def build_inference_generator(cfg: Config, **kwargs) -> WanModel:
-    """The generator for streaming inference: ``build_generator`` plus ``model.compile`` (mode, fallback)."""
-    model = build_generator(cfg, **kwargs)
+    """The generator for streaming inference: ``build_generator`` plus ``model.quantize`` and ``model.compile``
+    (mode, fallback)."""
+    model = quantize(build_generator(cfg, **kwargs), cfg.model.quantize)
     if cfg.model.compile:
         model.compile_layers(cfg.model.compile_mode, fallback=cfg.model.compile_fallback)
     return model
@@ -176,7 +187,7 @@ def build_pipeline(cfg: Config, *, checkpoint: str | Path | None = None, use_ema
     latent_size(vae, WanConfig.from_flavor(cfg.model.generator).patch_size, cfg.video.height, cfg.video.width)
     generator = build_inference_generator(cfg, checkpoint=checkpoint or cfg.model.checkpoint or None, use_ema=use_ema,
                                           device=device, dtype=dtype)
-    text_device = text_encoder_device or ("cpu" if cfg.text.offload_text_encoder else device)
+    text_device = text_encoder_device or cfg.text.encoder_device or ("cpu" if cfg.text.offload_text_encoder else device)
     text_encoder = build_text_encoder(cfg, device=text_device, dtype=dtype)
     return StreamingPipeline(generator, text_encoder, vae, stream_settings(cfg))
 

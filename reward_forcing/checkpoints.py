@@ -41,7 +41,7 @@ __all__ = [
     "RELEASED_GENERATOR", "WAN_VAE", "WAN_T5", "WAN_TOKENIZER", "DIT_CONFIG", "DIT_SAFETENSORS",
     "DIT_SAFETENSORS_INDEX", "DIT_NUM_KEYS", "ASSETS", "Asset",
     "read_state_dict", "select_generator_weights", "load_generator_state_dict",
-    "load_weights", "export_reference_checkpoint",
+    "load_weights", "export_reference_checkpoint", "merge_lora", "load_lora_file",
     "resolve_checkpoint_root", "require_file", "asset_path", "find_video_reward_dir",
 ]
 
@@ -319,6 +319,61 @@ def select_generator_weights(obj: Mapping[str, Any], use_ema: bool = False,
 def load_generator_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """``select_generator_weights(read_state_dict(path))``: plain DiT keys from any supported file."""
     return select_generator_weights(read_state_dict(path), use_ema=use_ema, path=path)
+
+
+_LORA_SUFFIXES = (".base_layer.weight", ".base_layer.bias")
+
+
+def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The generator's adapters in a LoRA file: its ``generator_lora`` entry (LongLive's ``lora.pt`` holds
+    ``{generator_lora, critic_lora, step}``), or the whole file when it is flat. Keys as saved (peft's)."""
+    obj = read_state_dict(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("generator_lora"), Mapping):
+        obj = obj["generator_lora"]
+    if not isinstance(obj, Mapping) or not any(".lora_A." in k for k in obj):
+        raise ValueError(f"'{path}' holds no LoRA adapters (no '.lora_A.' keys; top-level keys: "
+                         f"{sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__})")
+    return dict(obj)
+
+
+def merge_lora(state_dict: Mapping[str, torch.Tensor], scaling: float, *, adapter: str = "default",
+               lora: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Plain DiT keys with low-rank adapters folded in: ``W = W0 + scaling * B @ A`` (peft's merge, in float32,
+    stored back in ``W0``'s dtype).
+
+    ``state_dict`` is what a peft-adapted model saves (``blocks.0.self_attn.q.base_layer.weight`` beside
+    ``...q.lora_A.<adapter>.weight`` / ``lora_B``), or plain keys with the adapters given apart as ``lora``
+    (a LoRA file: peft keys, with or without a ``base_model.model.`` prefix). ``scaling`` is ``alpha / rank``.
+    An adapter without its base weight, or half an adapter, is an error naming the key.
+    """
+    adapters: dict[str, dict[str, torch.Tensor]] = {}
+    base: dict[str, torch.Tensor] = {}
+    lora = {normalize_key(k.removeprefix("base_model.model."), strip_prefix=_WRAPPER_PREFIX): v
+            for k, v in (lora or {}).items()}
+    for key, value in {**state_dict, **lora}.items():
+        for part in ("A", "B"):
+            marker = f".lora_{part}.{adapter}.weight"
+            if key.endswith(marker) or key.endswith(f".lora_{part}.weight"):
+                layer = key[: key.rindex(f".lora_{part}.")]
+                adapters.setdefault(layer, {})[part] = value
+                break
+        else:
+            for suffix in _LORA_SUFFIXES:
+                if key.endswith(suffix):
+                    key = key[: -len(suffix)] + suffix.removeprefix(".base_layer")
+            base[key] = value
+    for layer, pair in adapters.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"LoRA adapter of '{layer}' has lora_{''.join(pair)} only; both A and B are needed")
+        weight = base.get(f"{layer}.weight")
+        if weight is None:
+            raise ValueError(f"LoRA adapter '{layer}' has no base weight '{layer}.weight' to merge into")
+        delta = pair["B"].float().to(weight.device) @ pair["A"].float().to(weight.device)
+        if delta.shape != weight.shape:
+            raise ValueError(f"LoRA adapter '{layer}': B @ A is {tuple(delta.shape)}, the weight "
+                             f"{tuple(weight.shape)}")
+        base[f"{layer}.weight"] = (weight.float() + scaling * delta).to(weight.dtype)
+    return base
 
 
 # --------------------------------------------------------------------------------------------------

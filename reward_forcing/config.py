@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .compile import COMPILE_FALLBACKS, COMPILE_MODES
 from .models.kv_cache import CausalSpec
+from .quantize import QUANTIZE_MODES
 from .models.wan import WAN_FLAVORS
 from .schedule import NUM_TRAIN_TIMESTEPS
 from .streaming import StreamSettings
@@ -48,8 +49,17 @@ class ModelConfig:
     # that ships its weights, e.g. configs/toy/student.yaml, works from any directory); as a command-line
     # override it is from the working directory, like every other path here.
     checkpoint: str = ""
+    use_ema: bool = False  # load its generator_ema (as --use_ema does; configs/community/ set what each release needs)
+    # A LoRA file merged into the generator weights at load (peft keys, e.g. LongLive's lora.pt; its generator_lora
+    # when the file holds several), scaled by lora_scale (= its alpha / rank). A relative path is resolved like
+    # model.checkpoint's.
+    lora: str = ""
+    lora_scale: float = 1.0
     gradient_checkpointing: bool = True
     rope_precision: str = "float64"  # float64 (reference numerics) | float32 (faster on GPU, ~1e-6 apart)
+    # Inference: weight quantization of the generator's transformer layers (quantize.py, optimum-quanto): none |
+    # int8 | fp8 (weights only, on CPUs and GPUs)
+    quantize: str = "none"
     compile: bool = False  # torch.compile the generator's blocks for inference (one graph for all layers)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     compile_fallback: str = "error"  # error: a failed compile stops the run | eager: warn and run eager
@@ -84,7 +94,26 @@ class VideoConfig:
 class TextConfig:
     negative_prompt: str = WAN_NEGATIVE_PROMPT  # used by the teacher's CFG in training
     offload_text_encoder: bool = _STREAM.offload_text_encoder  # UMT5 parked on the CPU, on the GPU only to encode
+    # Where the text encoder runs: '' = the generator's device; 'cpu' keeps umt5-xxl (11.4 GB in bf16) off the GPU
+    # altogether, at seconds per prompt (16 GB cards: docs/memory.md)
+    encoder_device: str = ""
     start_prompt: str = ""  # the web app's first prompt ('': the page's sample scene); a toy config needs its own
+
+
+# The transformer layers' linear maps (attention q/k/v/o, self and cross, and the FFN), as peft matches module names
+LORA_TARGETS = ["q", "k", "v", "o", "ffn.0", "ffn.2"]
+
+
+@dataclass
+class LoraSettings:
+    """Low-rank adapters instead of full fine-tuning (training/lora.py, with peft): the trained DiT's weights are
+    frozen (in bf16 on a GPU) and only ``rank``-dimensional adapters on ``targets`` train; every export merges them
+    into plain weights, so inference loads the result like any other checkpoint."""
+
+    rank: int = 0  # 0: off (full fine-tuning, the reference)
+    alpha: float = 0.0  # adapter scale alpha / rank; 0 means alpha = rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # module-name suffixes (peft)
+    critic: bool = False  # dmd: the critic trains adapters too (else it is fully fine-tuned)
 
 
 @dataclass
@@ -155,6 +184,7 @@ class TrainingConfig:
     score_timestep_shift: float = 8.0  # grid of the teacher/critic x0 <-> flow conversions (reference: 8)
     critic_flow_from_x0: bool = False  # reference: critic flow = (x_t - x0)/sigma on the shift-5 grid
     wandb_project: str = "reward-forcing"
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -180,6 +210,10 @@ def _validate(cfg: Config, source: str) -> None:
     for key in ("generator", "critic", "teacher"):
         if getattr(cfg.model, key) not in WAN_FLAVORS:
             fail(f"model.{key}", f"{getattr(cfg.model, key)!r} is not one of {tuple(WAN_FLAVORS)}")
+    if cfg.text.encoder_device not in ("", "cpu"):
+        fail("text.encoder_device", f"{cfg.text.encoder_device!r} is not '' (the generator's device) or 'cpu'")
+    if cfg.model.quantize not in QUANTIZE_MODES:
+        fail("model.quantize", f"{cfg.model.quantize!r} is not one of {QUANTIZE_MODES}")
     if cfg.model.rope_precision not in ("float64", "float32"):
         fail("model.rope_precision", f"{cfg.model.rope_precision!r} is not 'float64' or 'float32'")
     if cfg.model.compile_mode not in COMPILE_MODES:
@@ -243,6 +277,11 @@ def _validate_training(tr: TrainingConfig, num_train_timesteps: int, fail) -> No
             fail(f"training.{key}", f"must be in [0, 1), got {getattr(tr, key)}")
     if not 0 <= tr.ema_weight <= 1:
         fail("training.ema_weight", f"must be in [0, 1], got {tr.ema_weight}")
+    if tr.lora.rank < 0 or tr.lora.alpha < 0:
+        fail("training.lora", f"rank and alpha must be >= 0 (rank 0: no adapters), got rank {tr.lora.rank} and "
+             f"alpha {tr.lora.alpha}")
+    if tr.lora.rank and not tr.lora.targets:
+        fail("training.lora.targets", f"is empty; name the linear layers to adapt, e.g. {LORA_TARGETS}")
     if not 0 <= tr.min_timestep < tr.max_timestep <= num_train_timesteps:
         fail("training.min_timestep", f"need 0 <= min_timestep < max_timestep <= {num_train_timesteps}, got "
              f"{tr.min_timestep} and {tr.max_timestep}")
@@ -268,9 +307,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               "reward_forcing.yaml, tiny.yaml)")
         source = str(path)
         file_cfg = OmegaConf.load(path)
-        weights = OmegaConf.select(file_cfg, "model.checkpoint", default=None)
-        if weights and not Path(weights).is_absolute():
-            file_cfg.model.checkpoint = str(path.parent / weights)
+        for key in ("checkpoint", "lora"):  # weights a config names are found from any working directory
+            weights = OmegaConf.select(file_cfg, f"model.{key}", default=None)
+            if weights and not Path(weights).is_absolute():
+                file_cfg.model[key] = str(path.parent / weights)
         cfg = _merge(cfg, file_cfg, source)
     if overrides:
         source = f"{source} + overrides {overrides}"

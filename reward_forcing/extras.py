@@ -10,8 +10,9 @@ import importlib.util
 EXTRAS = {
     "app": ("fastapi", "uvicorn", "websockets"),  # python -m reward_forcing.serve
     "eval": ("cv2", "matplotlib"),  # scripts/evaluate.py, reward_forcing.evaluation, toy-world report plots
+    "quant": ("optimum.quanto",),  # model.quantize / inference.py --quantize
 }
-_PIP_NAMES = {"cv2": "opencv-python-headless"}
+_PIP_NAMES = {"cv2": "opencv-python-headless", "optimum.quanto": "optimum-quanto"}
 
 
 class MissingExtra(ImportError):

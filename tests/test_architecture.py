@@ -25,6 +25,7 @@ LAYERS = {
     "reward_forcing.schedule": 1,
     "reward_forcing.toy": 1,  # the toy world: data, word-table text encoder, motion reward, exact metrics
     "reward_forcing.compile": 2,
+    "reward_forcing.quantize": 2,
     "reward_forcing.denoising": 2,  # the one block loop
     "reward_forcing.sampling": 2,  # the teacher's Euler + CFG sampler (ODE pairs, toy evaluation)
     "reward_forcing.streaming": 3,  # what a stream runs on: models, block loop, settings (StreamingModels)

@@ -368,7 +368,8 @@ case "$repo" in
     echo '{"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors", "b": "diffusion_pytorch_model-00002-of-00002.safetensors"}}' \
       > "$dir/diffusion_pytorch_model.safetensors.index.json" ;;
   KlingTeam/VideoReward) mkdir -p "$dir/checkpoint-11352"; touch "$dir/model_config.json" ;;
-  gdhe17/Self-Forcing) for f in "${files[@]}"; do mkdir -p "$dir/$(dirname "$f")"; echo x > "$dir/$f"; done ;;
+  gdhe17/Self-Forcing|zhuhz22/Causal-Forcing|Efficient-Large-Model/LongLive-1.3B|TencentARC/RollingForcing)
+    for f in "${files[@]}"; do mkdir -p "$dir/$(dirname "$f")"; echo x > "$dir/$f"; done ;;
   *) echo "unexpected repo $repo" >&2; exit 3 ;;
 esac
 """
@@ -526,6 +527,37 @@ def test_download_script_fetches_videoalign_template_pinned_and_once(tmp_path):
     r = _run_script(tmp_path, "--train", "--root", str(root))
     assert r.returncode == 0, r.stderr
     assert (root / "Videoreward" / ck.VIDEO_REWARD_TEMPLATE).is_file() and not (root / ck.VIDEO_REWARD_DIR).exists()
+
+
+@needs_clean_path
+def test_download_script_fetches_the_community_checkpoints_where_their_configs_look(tmp_path):
+    from reward_forcing.config import load_config
+
+    r = _run_script(tmp_path, "--community")
+    assert r.returncode == 0, r.stderr
+    community = _calls(tmp_path)[2:]  # after the inference assets
+    assert [c.split(" --local-dir")[0] for c in community] == [
+        "hf download gdhe17/Self-Forcing checkpoints/self_forcing_dmd.pt",
+        "hf download zhuhz22/Causal-Forcing chunkwise/causal_forcing.pt",
+        "hf download zhuhz22/Causal-Forcing framewise/causal_forcing.pt",
+        "hf download Efficient-Large-Model/LongLive-1.3B models/longlive_base.pt",
+        "hf download Efficient-Large-Model/LongLive-1.3B models/lora.pt",
+        "hf download TencentARC/RollingForcing checkpoints/rolling_forcing_dmd.pt"]
+    # every file a config of configs/community/ names is where the script puts it (the configs name files under
+    # the repository's checkpoints/; compared relative to that root)
+    root = tmp_path / "checkpoints"
+    repo = SCRIPT.parent
+    for config in sorted((repo / "configs" / "community").glob("*.yaml")):
+        cfg = load_config(config)
+        for path in filter(None, (cfg.model.checkpoint, cfg.model.lora)):
+            relative = Path(path).resolve().relative_to((repo / "checkpoints").resolve())
+            assert (root / relative).is_file(), (config.name, relative)
+    assert sorted(p.name for p in (root / "community").iterdir()) == sorted(
+        ["self_forcing_dmd.pt", "causal_forcing_chunkwise.pt", "causal_forcing_framewise.pt", "longlive_base.pt",
+         "longlive_lora.pt", "rolling_forcing_dmd.pt"])
+    (tmp_path / "calls.log").unlink()
+    r = _run_script(tmp_path, "--community")
+    assert r.returncode == 0 and _calls(tmp_path) == []
 
 
 @needs_clean_path

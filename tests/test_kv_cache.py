@@ -185,6 +185,19 @@ def test_reset_starts_a_new_video():
     assert step.slot_frame == [0, 1, 2] and cache.num_sink_updates == 0
 
 
+def test_absolute_rope_positions_are_frame_indices():
+    cache = make_cache(CausalSpec(sink_policy="static", local_attn_size=12, rope_positions="absolute"))
+    for b in range(6):
+        step = write_chunk(cache, 3 * b, 3)
+    assert sorted(step.slot_frame) == [0, 1, 2, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+    assert [step.positions[a] for a in sorted(step.slot_frame)] == sorted(step.slot_frame)  # sink stays at 0..2
+    assert step.query_positions == [15, 16, 17]
+    plan = block_causal_plan(CausalSpec(sink_policy="static", local_attn_size=12, rope_positions="absolute"), 18)
+    assert all(c.positions == [0, 1, 2] for c in plan.sink_copies)  # never shifted
+    with pytest.raises(ValueError, match="rope_positions 'relative' is not 'window' or 'absolute'"):
+        CausalSpec(rope_positions="relative")
+
+
 def test_block_causal_plan_is_the_streaming_window():
     """One pass over 12 frames attends like streaming them: each chunk sees the frames a streaming cache holds
     at that chunk, and the sink at the positions that cache gives it (shifted to absolute query positions)."""

@@ -98,7 +98,10 @@ def stream_blocks(model, x, t, context, spec, block=3):
     CausalSpec(sink_size=0, local_attn_size=6),  # sink_size 0: broken in the reference
     CausalSpec(local_attn_size=-1),  # global causal attention
     CausalSpec(frames_per_block=2, local_attn_size=7, sink_size=3, sink_policy="static"),  # chunk != sink
-], ids=["static-sink", "none", "sink0", "global", "chunk2-sink3"])
+    CausalSpec(sink_policy="static", local_attn_size=12, rope_positions="absolute"),  # LongLive's pattern
+    CausalSpec(frames_per_block=1, local_attn_size=-1, sink_size=0, sink_policy="none",
+               rope_positions="absolute"),  # Causal Forcing, frame-wise
+], ids=["static-sink", "none", "sink0", "global", "chunk2-sink3", "absolute-sink", "framewise-global"])
 def test_block_causal_equals_streaming(random_tiny, spec):
     torch.manual_seed(0)
     f = 15
@@ -116,6 +119,16 @@ def test_block_causal_equals_streaming(random_tiny, spec):
         full2 = random_tiny(x2, t, ctx, causal=True)
     assert torch.equal(full2[:, :12], full[:, :12]) or (full2[:, :12] - full[:, :12]).abs().max() < 1e-6
     assert (full2[:, 12:] - full[:, 12:]).abs().max() > 1e-3
+
+
+def test_absolute_positions_agree_with_window_ones_until_the_first_eviction(random_tiny):
+    torch.manual_seed(0)
+    x, ctx, t = torch.randn(1, 15, 16, 4, 6), torch.randn(1, 5, 32), torch.full((1, 15), 500.0)
+    with torch.no_grad():
+        window = stream_blocks(random_tiny, x, t, ctx, CausalSpec(sink_policy="static"))
+        absolute = stream_blocks(random_tiny, x, t, ctx, CausalSpec(sink_policy="static", rope_positions="absolute"))
+    assert torch.equal(window[:, :9], absolute[:, :9])  # 9 frames fit the window: the same positions
+    assert (window[:, 9:] - absolute[:, 9:]).abs().max() > 1e-3  # after: ranks 6..8 vs frame indices 9..14
 
 
 def test_ema_sink_changes_streaming_after_eviction(random_tiny):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..quantize import stored_bytes
+
 
 class PeakMemory:
     """Peak memory of a phase. GPU: ``torch.cuda.max_memory_allocated`` (reset per phase); CPU: the process's
@@ -50,7 +52,6 @@ class PeakMemory:
 
 
 def weight_bytes(module: torch.nn.Module | None) -> int:
-    """Bytes of a model's parameters, each shared tensor counted once (0 for no model)."""
-    if module is None:
-        return 0
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
+    """Bytes of a model's parameters as stored (quantized ones by their parts), each shared tensor counted once (0
+    for no model)."""
+    return 0 if module is None else stored_bytes(module)

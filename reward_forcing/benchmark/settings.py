@@ -76,5 +76,8 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def benchmark_config(args: argparse.Namespace) -> Config:
-    """The config the benchmarked models are built from: ``--config_path``, the user's overrides, then the flags."""
-    return load_config(args.config_path, [*args.overrides, *config_overrides(args)])
+    """The config the benchmarked models are built from: ``--config_path``, the user's overrides, then the flags;
+    random weights, so the weight files a config names (``model.checkpoint``, ``model.lora``) are not read."""
+    cfg = load_config(args.config_path, [*args.overrides, *config_overrides(args)])
+    cfg.model.checkpoint = cfg.model.lora = ""
+    return cfg

@@ -5,7 +5,8 @@ What is stored
 One key and one value buffer for all layers, ``[layers, B, capacity_frames * tokens_per_frame, heads,
 head_dim]``. Keys are stored **after** the q/k RMSNorm and **before** RoPE: RoPE is re-applied on every call
 with *window-relative* frame positions (docs/reference.md, Causal KV cache), bounded even for very long
-videos.
+videos; ``CausalSpec.rope_positions="absolute"`` uses each frame's index instead, as Self Forcing and LongLive
+rotate their cached keys (configs/community/).
 
 Slots (frames)
 --------------
@@ -124,6 +125,10 @@ class CausalSpec:
     sink_size: int = 3  # sink frames, initialised from the first frames
     sink_policy: str = "ema"  # none | static | ema
     ema_alpha: float = 0.999  # EMA-Sink decay (the reference's hard-coded value)
+    # RoPE frame positions: "window" = each frame's rank among the frames held, sink first (Reward Forcing: bounded
+    # for any length); "absolute" = the frame's index in the video, the sink at its own first frames (Self Forcing,
+    # Causal Forcing, LongLive cache keys rotated at these). They agree until the first eviction.
+    rope_positions: str = "window"
 
     def __post_init__(self):
         if self.frames_per_block < 1:
@@ -132,6 +137,8 @@ class CausalSpec:
             raise ValueError(f"sink_policy {self.sink_policy!r} is not one of {tuple(SINK_POLICIES)}")
         if self.sink_size < 0:
             raise ValueError(f"sink_size must be >= 0, got {self.sink_size}")
+        if self.rope_positions not in ("window", "absolute"):
+            raise ValueError(f"rope_positions {self.rope_positions!r} is not 'window' or 'absolute'")
         if not 0.0 <= self.ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha must be in [0, 1], got {self.ema_alpha}")
         if self.local_attn_size != -1:
@@ -159,6 +166,11 @@ def rank_positions(frames: Sequence[int]) -> dict[int, int]:
     return {frame: rank for rank, frame in enumerate(sorted(frames))}
 
 
+def frame_positions(frames: Sequence[int], rule: str) -> dict[int, int]:
+    """RoPE position of each frame held under ``CausalSpec.rope_positions``: its rank, or its own index."""
+    return rank_positions(frames) if rule == "window" else {frame: frame for frame in frames}
+
+
 @dataclass
 class CacheStep:
     """The plan of one model call against the cache, shared by all layers and computed before they run.
@@ -179,10 +191,11 @@ class CacheStep:
     refresh_rotated: bool = False  # past keys need re-rotating (KVCache.rotate_past) before the layers run
     chunk_index: torch.Tensor | None = None  # token indices of the chunk's slots
     past_index: torch.Tensor | None = None  # token indices of the other valid slots
+    rope_positions: str = "window"  # CausalSpec.rope_positions
 
     def __post_init__(self):
         # Plain attributes, computed once per call (a cached_property's lock, Python < 3.12, breaks graphs).
-        self.positions: dict[int, int] = rank_positions(self.slot_frame)
+        self.positions: dict[int, int] = frame_positions(self.slot_frame, self.rope_positions)
         self.query_positions: list[int] = [self.positions[a] for a in
                                            range(self.start_frame, self.start_frame + self.num_frames)]
         chunk = set(self.chunk_slots)
@@ -246,7 +259,7 @@ class CacheWindow:
         if self.end_frame > 0 and start_frame == self.chunk_start and end == self.end_frame:
             slots = [self._slot(a) for a in range(start_frame, end)]
             return CacheStep(start_frame, num_frames, False, slots, list(self.slot_frame),
-                             frame_tokens=self.frame_tokens)
+                             frame_tokens=self.frame_tokens, rope_positions=self.spec.rope_positions)
         if start_frame != self.end_frame:
             raise ValueError(
                 f"KV cache expected a chunk starting at frame {self.end_frame} (next chunk) or a repeat of "
@@ -267,7 +280,7 @@ class CacheWindow:
                 self.slot_frame.append(frame)
         self.chunk_start, self.end_frame = start_frame, end
         return CacheStep(start_frame, num_frames, True, slots, list(self.slot_frame), evicted,
-                         frame_tokens=self.frame_tokens)
+                         frame_tokens=self.frame_tokens, rope_positions=self.spec.rope_positions)
 
     def window_frames(self) -> list[int]:
         """Frames currently attended, in position order (sink first)."""

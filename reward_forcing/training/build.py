@@ -12,6 +12,7 @@ from ..config import Config
 from ..models.text_encoder import TextEncoder
 from ..models.vae import WanVAE
 from ..models.wan import WanModel
+from .lora import add_adapters
 
 
 @dataclass
@@ -37,7 +38,8 @@ def build_training_models(cfg: Config, *, device="cpu", dtype=torch.float32, fro
     ode: e.g. the teacher's weights) unless ``model.random_init``; teacher and critic from ``teacher_ckpt`` /
     ``critic_ckpt`` when set, else the base weights of their flavor (random for tiny debug runs; a teacher
     trained from scratch gets the reference initialisation). Frozen models run in ``frozen_dtype`` (bf16 on
-    GPU); trained ones keep fp32 master weights."""
+    GPU); trained ones keep fp32 master weights, or with ``training.lora`` frozen weights in ``frozen_dtype`` and
+    fp32 adapters (``training/lora.py``)."""
     frozen_dtype = frozen_dtype or dtype
     tr = cfg.training
     generator = critic = teacher = None
@@ -57,6 +59,13 @@ def build_training_models(cfg: Config, *, device="cpu", dtype=torch.float32, fro
         teacher = build_dit(cfg, cfg.model.teacher, weights=_file(tr.teacher_ckpt, "teacher (training.teacher_ckpt)"),
                             seed=1, device=device, dtype=dtype if trained else frozen_dtype, what="teacher",
                             init="reference" if trained else "debug")
+    if tr.lora.rank:  # low-rank adapters on what trains (the critic only when asked); its weights frozen
+        trained = {"dmd": ["generator"] + (["critic"] if tr.lora.critic else []), "ode": ["generator"],
+                   "teacher": ["teacher"]}[tr.mode]
+        generator, critic, teacher = (add_adapters(model, tr.lora, frozen_dtype=frozen_dtype, seed=tr.seed + i)
+                                      if model is not None and name in trained else model
+                                      for i, (name, model) in enumerate((("generator", generator),
+                                                                         ("critic", critic), ("teacher", teacher))))
     text_encoder = build_text_encoder(cfg, device=device, dtype=frozen_dtype)
     vae = build_vae(cfg, device=device, dtype=frozen_dtype)
     reward = (build_reward(cfg, device=device, dtype=frozen_dtype)

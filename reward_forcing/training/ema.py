@@ -17,7 +17,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class ShardedEMA:
-    """``shadow <- decay * shadow + (1 - decay) * param`` over a (possibly FSDP2-sharded) module's parameters.
+    """``shadow <- decay * shadow + (1 - decay) * param`` over a (possibly FSDP2-sharded) module's trainable
+    parameters (``requires_grad``: all of a fully fine-tuned model, the adapters of a LoRA one).
 
     The shadow holds float32 copies of each rank's **local shard** (``DTensor.to_local()``, or the plain tensor of
     an unsharded module), so an update is one ``torch._foreach_lerp_`` without communication. The reference
@@ -35,6 +36,8 @@ class ShardedEMA:
         self._layout: list[tuple | None] = []  # (mesh, placements, shape, stride) of DTensor parameters
         with torch.no_grad():
             for name, param in module.named_parameters():
+                if not param.requires_grad:  # frozen weights (LoRA's base) never change: nothing to average
+                    continue
                 self.names.append(normalize_key(name))
                 self.shadow.append(_local(param).detach().to(torch.float32, copy=True))
                 self._layout.append((param.device_mesh, param.placements, param.shape, param.stride())
@@ -44,7 +47,7 @@ class ShardedEMA:
         self.num_updates = 0
 
     def _params(self, module: nn.Module) -> list[torch.Tensor]:
-        params = [_local(p).detach() for p in module.parameters()]
+        params = [_local(p).detach() for p in module.parameters() if p.requires_grad]
         if len(params) != len(self.shadow):
             raise ValueError(f"module has {len(params)} parameters but the EMA tracks {len(self.shadow)}; "
                              "update the EMA with the module it was created from")
@@ -97,7 +100,7 @@ class ShardedEMA:
         """Full EMA weights (float32, CPU) on rank 0, an empty dict on other ranks.
 
         Collective for sharded modules (all-gathers one parameter at a time): call on every rank. With
-        ``module`` its persistent buffers are added, so the result loads strictly into the model.
+        ``module`` its persistent buffers and frozen parameters are added, so the result loads strictly into it.
         """
         main = get_rank() == 0
         out: dict[str, torch.Tensor] = {}
@@ -105,10 +108,13 @@ class ShardedEMA:
             full = self.shadow[i] if self._layout[i] is None else self._as_checkpointable(i).full_tensor()
             if main:
                 out[name] = full.detach().to("cpu", copy=True)
-        if module is not None and main:
-            param_names = set(self.names)
+        if module is not None:
+            tracked = set(self.names)
             for key, value in module.state_dict().items():
                 key = normalize_key(key)
-                if key not in param_names and isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
-                    out[key] = value.detach().to("cpu", copy=True)
+                if key in tracked or not isinstance(value, torch.Tensor):
+                    continue
+                full = value.full_tensor() if isinstance(value, DTensor) else value  # collective: every rank
+                if main:
+                    out[key] = full.detach().to("cpu", copy=True)
         return out

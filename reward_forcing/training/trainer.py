@@ -56,6 +56,7 @@ from ..video_io import Mp4Writer
 from . import checkpointing, parallel
 from .build import TrainingModels
 from .ema import ShardedEMA
+from .lora import lora_scaling
 from .losses import (critic_loss, critic_tilt_weights, dmd_gradient, flow_matching_loss, ode_regression_inputs,
                      ode_regression_loss, re_dmd_loss, reference_critic_flow)
 from .rollout import RolloutConfig, rollout
@@ -116,7 +117,9 @@ class Trainer:
         for name, (model, lr, max_norm) in trained.items():
             model.train().enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
             self.models[name] = model
-            self.optimizers[name] = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas,
+            # only what trains (with training.lora: the adapters), so no moments are kept for frozen weights
+            self.optimizers[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                                      lr=lr, betas=betas,
                                                       weight_decay=self.tr.weight_decay)
             self.max_norms[name] = max_norm
             self.base_lrs[name] = lr
@@ -346,6 +349,10 @@ class Trainer:
                                           extra=extra)
         weights = {name: checkpointing.full_state_dict(model) for name, model in self.models.items()}
         ema_sd = self.ema.full_state_dict(self.m.generator) if self.ema is not None else None
+        if self.tr.lora.rank:  # exports hold plain weights: the adapters merged in
+            scaling = lora_scaling(self.tr.lora)
+            weights = {name: ckpt.merge_lora(sd, scaling) for name, sd in weights.items()}
+            ema_sd = ckpt.merge_lora(ema_sd, scaling) if ema_sd is not None else None
         if self.dist.is_main:
             export = self.logdir / f"{EXPORT_PREFIX}{self.step:06d}" / "model.pt"
             if self.mode == "teacher":
