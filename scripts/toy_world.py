@@ -207,7 +207,8 @@ class Stages:
 # ------------------------------------------------------------------------------------------ evaluation
 def evaluate(stages: Stages, teacher: Path, student: Path, dmd: dict[tuple[float, int], Path]) -> dict:
     smoke, beta = stages.smoke, stages.args.beta
-    torch.set_num_threads(stages.args.jobs)  # the trainings are over: the evaluation has the cores
+    # The trainings are over: the evaluation has the cores (the smoke, a code-path check, runs beside other work)
+    torch.set_num_threads(1 if smoke else stages.args.jobs)
     cfg = load_config(CONFIGS["dmd"], [*stages.args.overrides, f"training.generator_ckpt={student}",
                                        f"training.teacher_ckpt={teacher}"])  # e.g. causal.* for the students
     repeats, any_repeats, blocks = (1, 1, 4) if smoke else (4, 8, 40)
@@ -373,7 +374,8 @@ def redmd_evaluate(stages: Stages, teacher: Path, control: Path, runs: dict[tupl
     """Fast fraction on the 'any' prompts (fixed noise) along each run, the other metrics at its end, the paired
     bootstrap of every method against plain DMD, and the prediction for the tilted critic."""
     smoke, beta = stages.smoke, stages.args.beta
-    torch.set_num_threads(stages.args.jobs)  # the trainings are over: the evaluation has the cores
+    # The trainings are over: the evaluation has the cores (the smoke, a code-path check, runs beside other work)
+    torch.set_num_threads(1 if smoke else stages.args.jobs)
     cfg = load_config(CONFIGS["dmd"], [f"training.teacher_ckpt={teacher}", *stages.args.overrides])
     text = build_text_encoder(cfg)
     bimodal = ev.eval_prompts(("any",), 1 if smoke else 8)[:4 if smoke else None]

@@ -95,5 +95,5 @@ def test_each_config_streams_its_release_layout(tmp_path, name):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert pipe.generator.causal == cfg_file.causal
     frames = 2 * cfg.causal.frames_per_block
-    video, latents = pipe.generate(["a fox runs"], num_frames=frames, height=48, width=80)
-    assert latents.shape[1] == frames and torch.isfinite(video).all()
+    _, latents = pipe.generate(["a fox runs"], num_frames=frames, height=48, width=80, decode=False)
+    assert latents.shape[1] == frames and torch.isfinite(latents).all()
