@@ -17,9 +17,9 @@ from .models.kv_cache import CausalSpec
 from .interfaces import Decoder, Registry, Reward, TextEncoderLike
 from .models.text_encoder import TextEncoder
 from .models.vae import WAN21_VAE_ARCH, IdentityVAE, WanVAE
-from .quantize import quantize
 from .models.wan import WanConfig, WanModel, init_random_, init_weights_
 from .pipeline import StreamingPipeline
+from .quantize import quantize
 from .streaming import StreamSettings, latent_size
 from .toy import ToyMotionReward, ToyTextEncoder
 

@@ -17,8 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .compile import COMPILE_FALLBACKS, COMPILE_MODES
 from .models.kv_cache import CausalSpec
-from .quantize import QUANTIZE_MODES
 from .models.wan import WAN_FLAVORS
+from .quantize import QUANTIZE_MODES
 from .schedule import NUM_TRAIN_TIMESTEPS
 from .streaming import StreamSettings
 

@@ -21,20 +21,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reward_forcing.config import load_config  # noqa: E402
 from reward_forcing.models.wan import WanModel  # noqa: E402
-from reward_forcing.training.lora import ParameterBytes, add_adapters, parameter_bytes  # noqa: E402
+from reward_forcing.training.lora import ParameterBytes, adapted_models, add_adapters, parameter_bytes  # noqa: E402
 
 GB = 1e9
 
 
-def model_bytes(cfg, ranks: int) -> dict[str, tuple[ParameterBytes, bool]]:
-    """``{name: (bytes, lora)}`` of the DiTs of ``training.mode``; sharded over ``ranks`` by the caller."""
+def model_bytes(cfg) -> dict[str, tuple[ParameterBytes, bool]]:
+    """``{name: (bytes, lora)}`` of the DiTs of ``training.mode``, whole (the caller divides by the ranks)."""
     tr, out = cfg.training, {}
     trained = {"dmd": ["generator", "critic"], "ode": ["generator"], "teacher": ["teacher"]}[tr.mode]
     present = {"dmd": ["generator", "critic", "teacher"], "ode": ["generator"], "teacher": ["teacher"]}[tr.mode]
+    adapted = adapted_models(tr)  # what training/build.py gives adapters
     for name in present:
         with torch.device("meta"):
             model = WanModel.from_flavor(getattr(cfg.model, name))
-        lora = bool(tr.lora.rank) and name in trained and (name != "critic" or tr.lora.critic)
+        lora = name in adapted
         if lora:
             add_adapters(model, tr.lora, frozen_dtype=torch.bfloat16)
         elif name not in trained:
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     if args.ranks < 1:
         p.error(f"--ranks must be >= 1, got {args.ranks}")
     cfg = load_config(args.config_path, args.overrides)
-    rows = model_bytes(cfg, args.ranks)
+    rows = model_bytes(cfg)
     print(f"{'model':<10} {'flavor':<6} {'lora':<5} {'parameters':>12} {'trainable':>12} {'weights GB':>11} "
           f"{'grads GB':>9} {'AdamW GB':>9} {'total GB':>9}   per rank of {args.ranks}")
     total = 0

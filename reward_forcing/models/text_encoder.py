@@ -18,7 +18,6 @@ import html
 import os
 import re
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import ftfy

@@ -12,7 +12,7 @@ from ..config import Config
 from ..models.text_encoder import TextEncoder
 from ..models.vae import WanVAE
 from ..models.wan import WanModel
-from .lora import add_adapters
+from .lora import adapted_models, add_adapters
 
 
 @dataclass
@@ -59,13 +59,10 @@ def build_training_models(cfg: Config, *, device="cpu", dtype=torch.float32, fro
         teacher = build_dit(cfg, cfg.model.teacher, weights=_file(tr.teacher_ckpt, "teacher (training.teacher_ckpt)"),
                             seed=1, device=device, dtype=dtype if trained else frozen_dtype, what="teacher",
                             init="reference" if trained else "debug")
-    if tr.lora.rank:  # low-rank adapters on what trains (the critic only when asked); its weights frozen
-        trained = {"dmd": ["generator"] + (["critic"] if tr.lora.critic else []), "ode": ["generator"],
-                   "teacher": ["teacher"]}[tr.mode]
-        generator, critic, teacher = (add_adapters(model, tr.lora, frozen_dtype=frozen_dtype, seed=tr.seed + i)
-                                      if model is not None and name in trained else model
-                                      for i, (name, model) in enumerate((("generator", generator),
-                                                                         ("critic", critic), ("teacher", teacher))))
+    adapted = adapted_models(tr)  # low-rank adapters on what trains (in place); its weights frozen
+    for i, (name, model) in enumerate((("generator", generator), ("critic", critic), ("teacher", teacher))):
+        if name in adapted:
+            add_adapters(model, tr.lora, frozen_dtype=frozen_dtype, seed=tr.seed + i)
     text_encoder = build_text_encoder(cfg, device=device, dtype=frozen_dtype)
     vae = build_vae(cfg, device=device, dtype=frozen_dtype)
     reward = (build_reward(cfg, device=device, dtype=frozen_dtype)

@@ -25,6 +25,15 @@ def lora_scaling(settings: LoraSettings) -> float:
     return (settings.alpha or settings.rank) / settings.rank
 
 
+def adapted_models(tr) -> tuple[str, ...]:
+    """The models of ``tr.mode`` (a ``TrainingConfig``) that get adapters: what trains there, the critic only with
+    ``tr.lora.critic``; none when ``tr.lora.rank`` is 0."""
+    if not tr.lora.rank:
+        return ()
+    return {"dmd": ("generator", "critic") if tr.lora.critic else ("generator",), "ode": ("generator",),
+            "teacher": ("teacher",)}[tr.mode]
+
+
 def add_adapters(model: nn.Module, settings: LoraSettings, *, frozen_dtype: torch.dtype, seed: int = 0) -> nn.Module:
     """Freeze ``model`` in ``frozen_dtype`` and add trainable float32 LoRA adapters to ``settings.targets``
     (in place; returns ``model``). The adapters start as peft initialises them (B = 0, so the model's output is
