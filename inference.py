@@ -7,7 +7,12 @@
     python inference.py --config_path configs/tiny.yaml --data_path prompts/example.txt   # CPU, random weights
 
 Flags follow the reference's inference.py. Each prompt (and sample) becomes ``{index:04d}-{slug}-s{sample}.mp4``,
-written frame by frame while it streams. Under ``torchrun`` the prompts are split across ranks (none dropped).
+written frame by frame while it streams. Under ``torchrun`` the prompts are split across ranks (none dropped);
+with ``--pipeline_parallel`` the model's layers are split instead, every rank streams every prompt through its
+stage and rank 0 writes the videos (docs/multi_gpu.md):
+
+    torchrun --nproc_per_node 2 inference.py --config_path configs/reward_forcing.yaml --data_path p.txt --pipeline_parallel
+
 Extra ``key=value`` arguments override the config (e.g. ``causal.sink_policy=static``).
 
 Bad input ends in one line on stderr (exit 2) before the output folder is created. SIGTERM is handled like
@@ -33,6 +38,7 @@ from reward_forcing.compile import COMPILE_MODES
 from reward_forcing.config import ConfigError, load_config
 from reward_forcing.data import read_prompts, shard_for_rank
 from reward_forcing.pipeline import StreamingPipeline
+from reward_forcing.pipeline_parallel import init_from_env
 from reward_forcing.video_io import Mp4Writer, video_filename
 
 log = logging.getLogger("inference")
@@ -107,6 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile mode with --compile; max-autotune and reduce-overhead use CUDA graphs. "
                         "Default: model.compile_mode of the config. A failed compile stops the run unless "
                         "model.compile_fallback=eager")
+    p.add_argument("--pipeline_parallel", action="store_true",
+                   help="under torchrun: split the generator's layers across the N ranks (each holds 1/N of the "
+                        "layers and of the KV cache; rank 0 writes) instead of giving each rank its own prompts. "
+                        "Saves memory, not time, for one stream: docs/multi_gpu.md (model.pipeline_parallel)")
     p.add_argument("--save_with_index", action="store_true", help=argparse.SUPPRESS)  # reference flag; names
     # always carry the prompt index here
     p.add_argument("--i2v", action="store_true", help=argparse.SUPPRESS)
@@ -169,6 +179,8 @@ def setup(args):
         overrides.append(f"model.quantize={args.quantize}")
     if args.compile:
         overrides.append("model.compile=true")
+    if args.pipeline_parallel:
+        overrides.append("model.pipeline_parallel=true")
     if args.compile_mode is not None:
         overrides.append(f"model.compile_mode={args.compile_mode}")
     cfg = load_config(args.config_path, overrides)
@@ -180,6 +192,13 @@ def setup(args):
     dtype = resolve_dtype(args.dtype, device)
     output = Path(args.output_folder)
     check_output_folder(output)
+    args.writes = True
+    if cfg.model.pipeline_parallel and world > 1:  # the stages talk through the process group
+        init_from_env(device)
+        args.writes = rank == 0
+    elif cfg.model.pipeline_parallel:
+        log.warning("--pipeline_parallel without torchrun: one process holds the whole model (run it under "
+                    "torchrun --nproc_per_node N to split the layers across N GPUs)")
 
     checkpoint = args.checkpoint_path or cfg.model.checkpoint or None
     if checkpoint is None and not cfg.model.random_init:
@@ -192,9 +211,11 @@ def setup(args):
         if not cfg.model.random_init and needs_checkpoint_root(cfg):
             ckpt.resolve_checkpoint_root(cfg.checkpoint_root)
     pipe = build_pipeline(cfg, checkpoint=checkpoint, use_ema=args.use_ema, device=device, dtype=dtype)
-    prompts = shard_for_rank(prompts, rank, world)
+    if not cfg.model.pipeline_parallel:
+        prompts = shard_for_rank(prompts, rank, world)
     names = {video_filename(p.index, p.text, sample) for p in prompts for sample in range(args.num_samples)}
-    prepare_output_folder(output, names)
+    if args.writes:
+        prepare_output_folder(output, names)
     return cfg, prompts, pipe, output, rank
 
 
@@ -205,6 +226,10 @@ def generate_all(args, cfg, prompts, pipe: StreamingPipeline, output: Path, rank
         for sample in range(args.num_samples):
             path = output / video_filename(prompt.index, prompt.text, sample)
             seed = args.seed + prompt.index * args.num_samples + sample
+            if not args.writes:  # a later pipeline stage: stream through its layers; rank 0 decodes and writes
+                for _ in _chunks(args, cfg, pipe, prompt.conditioning, seed, decode=False):
+                    pass
+                continue
             bar = tqdm(total=frames_per_video, unit="frame", desc=f"[{rank}] {path.name}", leave=False,
                        disable=rank != 0)
             with Mp4Writer(path, fps=cfg.video.fps, scale=cfg.video.display_scale) as writer:
@@ -236,17 +261,17 @@ def _interactive_inputs(args, cfg):
     return events, media
 
 
-def _chunks(args, cfg, pipe: StreamingPipeline, prompt: str, seed: int):
+def _chunks(args, cfg, pipe: StreamingPipeline, prompt: str, seed: int, decode: bool = True):
     """The blocks of one video: ``pipe.stream`` for plain text-to-video, a live Session to follow a timeline or
     start from an image / video."""
     if args.events is None and args.start_media is None:
         yield from pipe.stream(prompt, num_frames=cfg.video.num_output_frames, height=cfg.video.height,
-                               width=cfg.video.width, seed=seed)
+                               width=cfg.video.width, seed=seed, decode=decode)
         return
     from reward_forcing.interactive import Session
 
     session = Session(pipe, prompt, seed=seed, height=cfg.video.height, width=cfg.video.width,
-                      events=args.events or (), **(args.start_media or {}))
+                      events=args.events or (), decode=decode, **(args.start_media or {}))
     yield from session.blocks(cfg.video.num_output_frames // pipe.frames_per_block)
 
 
@@ -279,7 +304,13 @@ def _run(argv) -> int:
     except OSError as err:  # e.g. a full disk: the writer has already deleted its unfinished file
         print(f"error: {err}", file=sys.stderr)
         return 1
-    log.info("done: %d video(s) in %s", len(written), output)
+    finally:
+        if torch.distributed.is_initialized():  # pipeline stages
+            torch.distributed.destroy_process_group()
+    if args.writes:
+        log.info("done: %d video(s) in %s", len(written), output)
+    else:
+        log.info("done: pipeline stage %d streamed every video; rank 0 wrote them", rank)
     return 0
 
 

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from . import checkpoints as ckpt
 from .config import Config
@@ -19,6 +20,7 @@ from .models.text_encoder import TextEncoder
 from .models.vae import WAN21_VAE_ARCH, IdentityVAE, WanVAE
 from .models.wan import WanConfig, WanModel, init_random_, init_weights_
 from .pipeline import StreamingPipeline
+from .pipeline_parallel import WanPipelineStage
 from .quantize import quantize
 from .streaming import StreamSettings, latent_size
 from .toy import ToyMotionReward, ToyTextEncoder
@@ -103,10 +105,18 @@ def build_generator(cfg: Config, *, checkpoint: str | Path | None = None, use_em
     return model.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
 
 
-def build_inference_generator(cfg: Config, **kwargs) -> WanModel:
+def build_inference_generator(cfg: Config, *, device="cpu", **kwargs) -> WanModel:
     """The generator for streaming inference: ``build_generator`` plus ``model.quantize`` and ``model.compile``
-    (mode, fallback)."""
-    model = quantize(build_generator(cfg, **kwargs), cfg.model.quantize)
+    (mode, fallback). With ``model.pipeline_parallel`` in a process group of N ranks, this rank's
+    ``WanPipelineStage``: the model is loaded on the CPU and only the stage's layers reach ``device``."""
+    stages = dist.get_world_size() if cfg.model.pipeline_parallel and dist.is_initialized() else 1
+    if stages > 1:
+        model = WanPipelineStage.from_model(build_generator(cfg, device="cpu", **kwargs), stage=dist.get_rank(),
+                                            stages=stages, micro_batches=cfg.model.pipeline_micro_batches,
+                                            device=device)
+    else:
+        model = build_generator(cfg, device=device, **kwargs)
+    model = quantize(model, cfg.model.quantize)
     if cfg.model.compile:
         model.compile_layers(cfg.model.compile_mode, fallback=cfg.model.compile_fallback)
     return model

@@ -63,6 +63,10 @@ class ModelConfig:
     compile: bool = False  # torch.compile the generator's blocks for inference (one graph for all layers)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     compile_fallback: str = "error"  # error: a failed compile stops the run | eager: warn and run eager
+    # Inference under torchrun: split the generator's layers across the ranks (pipeline_parallel.py) instead of
+    # splitting the prompts; the batch goes through the stages in pipeline_micro_batches parts.
+    pipeline_parallel: bool = False
+    pipeline_micro_batches: int = 1
 
 
 _STREAM = StreamSettings()  # the block loop's defaults live there, once
@@ -218,6 +222,8 @@ def _validate(cfg: Config, source: str) -> None:
         fail("model.rope_precision", f"{cfg.model.rope_precision!r} is not 'float64' or 'float32'")
     if cfg.model.compile_mode not in COMPILE_MODES:
         fail("model.compile_mode", f"{cfg.model.compile_mode!r} is not one of {COMPILE_MODES}")
+    if cfg.model.pipeline_micro_batches < 1:
+        fail("model.pipeline_micro_batches", f"{cfg.model.pipeline_micro_batches} must be >= 1")
     if cfg.model.compile_fallback not in COMPILE_FALLBACKS:
         fail("model.compile_fallback", f"{cfg.model.compile_fallback!r} is not one of {COMPILE_FALLBACKS}")
     if cfg.video.num_output_frames < 1 or cfg.video.num_output_frames % cfg.causal.frames_per_block:

@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="redmd: the positive control's teacher is fine-tuned on a world whose 'any' clips are fast "
                         "with this probability (default 0.63)")
     p.add_argument("--control_steps", type=int, default=600, help="redmd: the control teacher's fine-tuning steps")
+    p.add_argument("--methods", default=",".join(REDMD_METHODS),
+                   help="redmd: the methods to train, comma-separated (dmd is always needed: every method is "
+                        "compared with it). E.g. 'dmd,control' runs the positive control alone first")
     p.add_argument("--evaluate_only", action="store_true",
                    help="redmd: train nothing; evaluate the runs that finished (a method missing on a seed is left "
                         "out of that seed's comparisons)")
@@ -346,7 +349,9 @@ def redmd_runs(stages: Stages, teacher: Path, student: Path) -> tuple[Path, dict
     seeds = range(1 if smoke else args.seeds)
     # The tilted critic's comparisons first, every seed, then Re-DMD and the control: a study cut short (--evaluate_only
     # on what finished) still has its main gates on every seed
-    order = [(m, s) for group in (("dmd", "tilt +1", "tilt -1"), ("re-dmd", "control")) for s in seeds for m in group]
+    chosen = set(args.methods)
+    order = [(m, s) for group in (("dmd", "tilt +1", "tilt -1"), ("re-dmd", "control")) for s in seeds for m in group
+             if m in chosen]
     jobs = []
     for method, seed in order:
         scores = control if method == "control" else teacher
@@ -499,6 +504,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.evaluate_only and args.study != "redmd":
         print("error: --evaluate_only evaluates the Re-DMD study's runs: add --study redmd", file=sys.stderr)
+        return 2
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in REDMD_METHODS]
+    if unknown or "dmd" not in args.methods:
+        print(f"error: --methods {','.join(args.methods)}: "
+              + (f"{unknown[0]!r} is not one of {', '.join(REDMD_METHODS)}" if unknown else "dmd must be one of them "
+                 "(every method is compared with it)"), file=sys.stderr)
         return 2
     if args.seeds < 1 or args.jobs < 1 or args.pairs < 1 or args.gen_updates < 1 or args.critic_ratio < 1:
         print("error: --seeds, --jobs, --pairs, --gen_updates and --critic_ratio must be >= 1", file=sys.stderr)

@@ -21,6 +21,7 @@ single, checkpointing == plain) are not parity checks and keep their own, tighte
 import dataclasses
 import json
 import os
+import socket
 
 # Must happen before transformers / diffusers / wandb are imported anywhere.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +45,13 @@ FP32_NOISE_FLOOR = 4.7e-6  # largest |fp32 - fp64| of the reference's own output
 PARITY_ATOL = 5e-5  # network outputs vs the reference: ~10x the floor, 10x below the smallest semantic error
 FP32_EPS = torch.finfo(torch.float32).eps  # 1.19e-7: one ulp at 1.0
 ELEMENTWISE_ULPS = 4  # one or two roundings per element on each side, plus FMA vs separate multiply-add
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a test's gloo rendezvous or server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def elementwise_atol(expected: torch.Tensor) -> float:

@@ -28,6 +28,7 @@ LAYERS = {
     "reward_forcing.quantize": 2,
     "reward_forcing.denoising": 2,  # the one block loop
     "reward_forcing.sampling": 2,  # the teacher's Euler + CFG sampler (ODE pairs, toy evaluation)
+    "reward_forcing.pipeline_parallel": 2,  # a WanModel stage per rank: its layers, torch.distributed sends
     "reward_forcing.streaming": 3,  # what a stream runs on: models, block loop, settings (StreamingModels)
     "reward_forcing.interactive.session": 4,  # the block loop with state; stream() is a loop over it
     "reward_forcing.interactive.events": 4,

@@ -7,7 +7,6 @@ The page's state is read from ``window.app`` (frames shown, applied events, the 
 """
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from reward_forcing.video_io import read_video
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "app.png"
 HEIGHT, WIDTH = 48, 80
@@ -40,16 +39,10 @@ def _chromium() -> str:
     return binary
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     _chromium()
-    port = _free_port()
+    port = free_port()
     records = tmp_path_factory.mktemp("recordings")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(

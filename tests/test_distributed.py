@@ -2,7 +2,6 @@
 of FSDP2 + DCP."""
 import copy
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from conftest import free_port
 from reward_forcing.training import checkpointing
 from reward_forcing.training.checkpointing import (
     full_state_dict,
@@ -250,12 +250,6 @@ def test_keep_last_checkpoints_by_step_number(tmp_path, no_torchrun_env):
 
 
 # ============================================================================ two processes, gloo
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, ckpt_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -357,7 +351,7 @@ def test_two_process_gloo_fsdp2_dcp(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("gloo backend not available")
     ckpt = tmp_path / "ckpts" / "step_2"
-    mp.spawn(_worker, args=(2, _free_port(), str(ckpt)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(ckpt)), nprocs=2, join=True)
     assert (ckpt / ".metadata").is_file()
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
     # The 2-rank checkpoint loads into a single unsharded process (DCP reshards).

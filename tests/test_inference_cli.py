@@ -73,6 +73,26 @@ def test_torchrun_ranks_split_prompts_without_dropping(cli, prompts, tmp_path, m
     assert len(list(out.glob("*.mp4"))) == 3
 
 
+@pytest.mark.slow
+def test_torchrun_pipeline_parallel_writes_each_video_once_as_one_process(cli, tmp_path):
+    """Two gloo ranks, the toy student's layers split between them: rank 0 writes every video, and the frames
+    equal those of one plain process."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("red fast right\nblue any up\n")
+    args = ["--config_path", "configs/toy/student.yaml", "--data_path", str(prompts), "--num_output_frames", "6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "inference.py", *args, "--output_folder", str(tmp_path / "two"), "--pipeline_parallel"],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "pipeline stage 1 streamed every video; rank 0 wrote them" in two.stderr
+    assert run(cli, *args, "--output_folder", tmp_path / "one") == 0
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.mp4"))
+    assert names == sorted(p.name for p in (tmp_path / "two").glob("*.mp4")) and len(names) == 2
+    for name in names:
+        assert (read_video(tmp_path / "one" / name)[0] == read_video(tmp_path / "two" / name)[0]).all()
+
+
 def _tiny_state(seed):
     return init_random_(WanModel.from_flavor("tiny"), seed=seed).state_dict()
 

@@ -444,6 +444,22 @@ def test_a_study_cut_short_reuses_finished_runs_and_reports_what_is_missing(tmp_
     assert export.read_bytes() == b"x" and "reuse" in capsys.readouterr().out  # not retrained
     assert toy_world.main(["--out", str(tmp_path), "--evaluate_only"]) == 2
     assert "add --study redmd" in capsys.readouterr().err
+    # --methods picks which runs the study trains (the positive control alone first); dmd is always one of them
+    assert toy_world.main(["--out", str(tmp_path), "--study", "redmd", "--methods", "control"]) == 2
+    assert "dmd must be one of them" in capsys.readouterr().err
+    assert toy_world.main(["--out", str(tmp_path), "--study", "redmd", "--methods", "dmd,tilt+2"]) == 2
+    assert "'tilt+2' is not one of dmd, tilt +1" in capsys.readouterr().err
+    (tmp_path / "control_teacher").mkdir()
+    (tmp_path / "control_teacher" / "export.pt").write_bytes(b"c")  # reused: no training here
+    for name in ("redmd_dmd_seed1", "redmd_tilt+1_seed1", "redmd_control_seed1"):
+        (tmp_path / name / "checkpoint_model_000008").mkdir(parents=True)
+        (tmp_path / name / "checkpoint_model_000008" / "model.pt").write_bytes(b"x")
+    args = toy_world.parse_args(["--out", str(tmp_path), "--study", "redmd", "--evaluate_only", "--seeds", "2",
+                                 "--gen_updates", "4"])
+    args.methods = ["dmd", "control"]
+    control, runs = toy_world.redmd_runs(toy_world.Stages(args), tmp_path / "teacher.pt", tmp_path / "ode.pt")
+    assert control.read_bytes() == b"c"
+    assert sorted(runs) == [("control", 1), ("dmd", 1)]  # tilt +1 finished too, but was not asked for
     entry = {"seeds": [0], "fast_fraction": [0.6], "dmd_fast_fraction": [0.5], "difference": 0.1, "ci95": [0.05, 0.15],
              "predicted_fast_fraction": 0.7}
     rows = toy_world.redmd_gates({"table": {"dmd": entry, "tilt +1": entry}, "teacher_fast_fraction": {}, "beta": 3})

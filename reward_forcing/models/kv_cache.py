@@ -371,9 +371,10 @@ class KVCache(CacheWindow):
     @classmethod
     def for_model(cls, model, *, batch_size: int, frame_tokens: int, spec: CausalSpec | None = None,
                   max_frames: int | None = None, device=None, dtype=None, rotated_keys: bool = True) -> "KVCache":
-        """A cache shaped for ``model`` (a ``WanModel``); spec defaults to ``model.causal``."""
+        """A cache shaped for ``model`` (a ``WanModel``): one entry per layer it holds (``model.held_layers``: all of
+        them, or a pipeline stage's slice); spec defaults to ``model.causal``."""
         ref = model.patch_embedding.weight
-        return cls(num_layers=model.config.num_layers, num_heads=model.config.num_heads,
+        return cls(num_layers=len(model.held_layers), num_heads=model.config.num_heads,
                    head_dim=model.config.head_dim, frame_tokens=frame_tokens, batch_size=batch_size,
                    spec=spec or model.causal, max_frames=max_frames,
                    device=device if device is not None else ref.device,
@@ -382,6 +383,10 @@ class KVCache(CacheWindow):
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -527,6 +532,18 @@ class LayerKV:
             return self.k_rotated[:, :n], self.v[:, :n]
         self.pending = (k.detach(), v.detach())
         return rotate_keys(torch.cat([self.past_k, k], 1)), torch.cat([self.past_v, v], 1)
+
+    def rows(self, rows: slice) -> "LayerKV":
+        """The same access restricted to batch rows ``rows`` (views: writes land in the cache); a pipeline stage
+        runs its micro-batches through one layer this way. ``slice(None)`` returns this object."""
+        if rows == slice(None):
+            return self
+
+        def view(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        return LayerKV(self.step, self.k[rows], self.v[rows], view(self.k_rotated), view(self.past_k),
+                       view(self.past_v))
 
     def commit(self) -> None:
         """Write the entries of a grad-enabled call (no-op for in-place calls)."""

@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, frame_block_mask, use_flex_for_masks
-from .kv_cache import CausalSpec, KVCache, LayerKV, block_causal_plan
+from .kv_cache import CacheStep, CausalSpec, KVCache, LayerKV, block_causal_plan
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -302,6 +302,24 @@ class TextContext:
     layer_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
+@dataclass
+class ForwardPlan:
+    """What the layers of one forward call share (:meth:`WanModel.plan_forward`): the patch-embedded ``tokens``
+    ``[B, L, dim]`` on the patch ``grid`` (f, h, w), the time embedding ``e`` and its 6-way projection ``e0``, the
+    embedded ``text`` and the held layers' cross-attention K/V (``context_kv``, may be empty), the attention
+    ``layout``, and in streaming mode the cache and its ``step`` for this call."""
+
+    tokens: torch.Tensor
+    grid: tuple[int, int, int]
+    e: torch.Tensor
+    e0: torch.Tensor
+    text: torch.Tensor
+    context_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    layout: _AttentionLayout
+    kv_cache: KVCache | None = None
+    step: CacheStep | None = None
+
+
 # ------------------------------------------------------------------------------------------- model
 COMPILE_FALLBACKS = ("error", "eager")
 # Graphs one compiled model may hold: one per attention shape it meets (3 per streamed resolution with the
@@ -341,6 +359,7 @@ class WanModel(nn.Module):
         # The transformer layers. Named `blocks` because every Wan checkpoint's keys are (`blocks.N.*`); in this
         # code base a "block" is a block of latent frames, a layer is one of these.
         self.blocks = nn.ModuleList(WanLayer(cfg) for _ in range(cfg.num_layers))
+        self.held_layers = range(cfg.num_layers)  # a pipeline stage holds a slice (hold_layers)
         self.head = Head(cfg)
         self.rope = RotaryEmbedding(cfg.head_dim)  # plain attribute: no tensor in the state dict
         self._compiled_layer = None  # see compile_layers
@@ -413,6 +432,19 @@ class WanModel(nn.Module):
             self._compiled_layer = None
             return _call_layer(*args)
 
+    def hold_layers(self, start: int, stop: int) -> "WanModel":
+        """Keep only the transformer layers ``[start, stop)`` (a pipeline stage): the others become parameterless
+        placeholders, so neither their weights nor their KV cache or cross-attention K/V exist here. The
+        checkpoint keys of the layers kept are unchanged (``blocks.N.*``)."""
+        if not 0 <= start < stop <= self.config.num_layers:
+            raise ValueError(f"layers [{start}, {stop}) are not a non-empty range of the model's "
+                             f"{self.config.num_layers} layers")
+        for i in range(self.config.num_layers):
+            if not start <= i < stop:
+                self.blocks[i] = nn.Identity()
+        self.held_layers = range(start, stop)
+        return self
+
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "WanModel":
         self.gradient_checkpointing = enabled
         return self
@@ -450,7 +482,7 @@ class WanModel(nn.Module):
         streaming session allocates its cross-attention cache once.
         """
         embedded = self.embed_text(context)
-        fresh = TextContext(embedded, [blk.cross_attn.context_kv(embedded) for blk in self.blocks])
+        fresh = TextContext(embedded, [self.blocks[i].cross_attn.context_kv(embedded) for i in self.held_layers])
         if out is None or out.embedded.shape != embedded.shape or out.embedded.dtype != embedded.dtype \
                 or out.embedded.device != embedded.device:
             return fresh
@@ -478,7 +510,17 @@ class WanModel(nn.Module):
         kv_cache / start_frame: streaming mode; ``x`` holds frames ``[start_frame, start_frame + F)``.
         causal: block-causal attention over the whole sequence (``self.causal`` gives block/window/sink).
         Returns the flow ``[B, F, out_dim, H, W]``.
+
+        Three steps, public so that a pipeline stage (``reward_forcing/pipeline_parallel.py``) can run its own
+        layers between them: :meth:`plan_forward`, :meth:`run_layers`, :meth:`output`.
         """
+        plan = self.plan_forward(x, timestep, context, kv_cache=kv_cache, start_frame=start_frame, causal=causal)
+        return self.output(self.run_layers(plan.tokens, plan), plan)
+
+    def plan_forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | TextContext, *,
+                     kv_cache: KVCache | None = None, start_frame: int = 0, causal: bool = False) -> ForwardPlan:
+        """Everything the layers of one call share: the patch-embedded tokens, time and text embeddings, the
+        attention layout and (streaming) the cache's plan for this call, made once for all layers."""
         if kv_cache is not None and causal:
             raise ValueError("pass either kv_cache (streaming) or causal=True (whole sequence), not both")
         b = x.shape[0]
@@ -503,9 +545,13 @@ class WanModel(nn.Module):
         def freqs(frame_positions) -> torch.Tensor:
             return self.rope.freqs(frame_positions, grid[1], grid[2], x.device)
 
-        if kv_cache is not None:  # the call's plan, made once for all layers
+        step = None
+        if kv_cache is not None:
             if kv_cache.batch_size != b:
                 raise ValueError(f"KV cache was allocated for batch {kv_cache.batch_size}, got a batch of {b}")
+            if kv_cache.num_layers != len(self.held_layers):
+                raise ValueError(f"KV cache holds {kv_cache.num_layers} layers; this model runs "
+                                 f"{len(self.held_layers)} (allocate it with new_kv_cache)")
             if self._compiled_layer is not None:
                 kv_cache.mark_static_addresses()
             step = kv_cache.begin(start_frame, grid[0])
@@ -519,18 +565,28 @@ class WanModel(nn.Module):
             layout = self._block_causal_layout(grid, x.device)
         else:
             layout = _AttentionLayout(freqs(range(grid[0])), freqs(range(grid[0])))
+        return ForwardPlan(x, grid, e, e0, text, context_kv, layout, kv_cache, step)
 
+    def run_layers(self, x: torch.Tensor, plan: ForwardPlan, rows: slice = slice(None)) -> torch.Tensor:
+        """Run the layers this model holds (:attr:`held_layers`) on tokens ``x [b, L, dim]``, which are the batch
+        rows ``rows`` of the call ``plan`` describes (a pipeline stage's micro-batch; all rows by default)."""
         run = self._run_compiled if self._compiled_layer is not None else _call_layer
-        for i, layer in enumerate(self.blocks):
-            layer_kv = kv_cache.layer(i, step) if kv_cache is not None else None
-            ckv = context_kv[i] if context_kv else None
+        e0, text = plan.e0[rows], plan.text[rows]
+        for j, i in enumerate(self.held_layers):  # j: the layer's place in the cache and the text K/V
+            layer = self.blocks[i]
+            layer_kv = plan.kv_cache.layer(j, plan.step).rows(rows) if plan.kv_cache is not None else None
+            ckv = tuple(t[rows] for t in plan.context_kv[j]) if plan.context_kv else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, e0, text, layout, layer_kv, ckv, use_reentrant=False)
+                x = checkpoint(layer, x, e0, text, plan.layout, layer_kv, ckv, use_reentrant=False)
             else:
-                x = run(layer, x, e0, text, layout, layer_kv, ckv)
+                x = run(layer, x, e0, text, plan.layout, layer_kv, ckv)
             if layer_kv is not None:
                 layer_kv.commit()
-        return self.unpatchify(self.head(x, e), grid)
+        return x
+
+    def output(self, x: torch.Tensor, plan: ForwardPlan, rows: slice = slice(None)) -> torch.Tensor:
+        """The head on the last layer's tokens of batch rows ``rows``: the flow ``[b, F, out_dim, H, W]``."""
+        return self.unpatchify(self.head(x, plan.e[rows]), plan.grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """``[B, f*h*w, prod(patch)*C]`` -> ``[B, f*pt, C, h*ph, w*pw]``."""
