@@ -94,9 +94,11 @@ class WanPipelineStage(WanModel):
 
     def __init__(self, config, causal=None, *, stage: int = 0, stages: int = 1, micro_batches: int = 1):
         super().__init__(config, causal)
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.stage, self.stages, self.micro_batches = stage, stages, micro_batches
-        micro_batch_rows(1, micro_batches)  # validates
-        self.hold_layers(*_bounds(stage_layers(config.num_layers, stages, stage)))
+        layers = stage_layers(config.num_layers, stages, stage)
+        self.hold_layers(layers.start, layers.stop)
         self.stats = PipelineStats()
         self.timing = False
 
@@ -163,7 +165,3 @@ class WanPipelineStage(WanModel):
         if self.timing and self.patch_embedding.weight.device.type == "cuda":
             torch.cuda.synchronize(self.patch_embedding.weight.device)
         return time.perf_counter()
-
-
-def _bounds(layers: range) -> tuple[int, int]:
-    return layers.start, layers.stop

@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=3.0, help="Re-DMD reward temperature (default 3)")
     p.add_argument("--dmd_steps", type=int, default=None, help="training steps of each DMD run (config: 300)")
     p.add_argument("--pairs", type=int, default=512, help="ODE pairs to sample (default 512)")
+    p.add_argument("--ode_guidance", type=float, default=None,
+                   help="the teacher's CFG for the ODE pairs, in the sampler's convention (1 = the conditional "
+                        "teacher, what DMD with training.guidance_scale=0 distils toward; default: configs/toy/ode.yaml's "
+                        "3). A new value needs a new --out: existing pairs are reused")
     p.add_argument("--jobs", type=int, default=2, help="training processes at once (default 2: one per core)")
     p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
     p.add_argument("--study", default="recipe", choices=["recipe", "redmd"],
@@ -180,9 +184,10 @@ class Stages:
             return path
         count, steps = (8, 4) if self.smoke else (self.args.pairs, 32)
         ranks = 1 if self.smoke else self.args.jobs  # torchrun on the CPU (gloo): one rank per core
+        guidance = [] if self.args.ode_guidance is None else [f"training.guidance_scale={self.args.ode_guidance}"]
         cmd = [*self.launcher(ranks), str(ROOT / "scripts/generate_ode_pairs.py"), "--config_path", str(CONFIGS["ode"]),
                "--out", str(path), "--num_samples", str(count), "--steps", str(steps),
-               f"training.teacher_ckpt={teacher}"]
+               f"training.teacher_ckpt={teacher}", *guidance]
         self.run_all([("ode_pairs", cmd, self.out / "ode_pairs.log")])
         return path
 

@@ -449,6 +449,12 @@ def test_a_study_cut_short_reuses_finished_runs_and_reports_what_is_missing(tmp_
     assert "dmd must be one of them" in capsys.readouterr().err
     assert toy_world.main(["--out", str(tmp_path), "--study", "redmd", "--methods", "dmd,tilt+2"]) == 2
     assert "'tilt+2' is not one of dmd, tilt +1" in capsys.readouterr().err
+    # --ode_guidance reaches the ODE pairs' sampler (the student can start at the teacher DMD distils toward)
+    commands = []
+    stages = toy_world.Stages(toy_world.parse_args(["--out", str(tmp_path / "g"), "--ode_guidance", "1"]))
+    stages.run_all = lambda jobs: commands.extend(cmd for _, cmd, _ in jobs)
+    stages.ode_pairs(tmp_path / "teacher.pt")
+    assert commands[-1][-1] == "training.guidance_scale=1.0"
     (tmp_path / "control_teacher").mkdir()
     (tmp_path / "control_teacher" / "export.pt").write_bytes(b"c")  # reused: no training here
     for name in ("redmd_dmd_seed1", "redmd_tilt+1_seed1", "redmd_control_seed1"):
