@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import threading
 import unicodedata
 from contextlib import contextmanager
 from fractions import Fraction
@@ -224,16 +225,26 @@ class Mp4Writer:
 def _interrupts_deferred():
     """Hold SIGINT / SIGTERM while the temporary file is created and ffmpeg started. An interrupt in between would
     leave a file (or an orphaned ffmpeg writing one) that ``abort`` does not know of yet; held, the signal is
-    delivered right after, when ``abort`` can clean up. ffmpeg inherits the mask, which does not matter: it is
-    only ever stopped with SIGKILL or by the end of its input."""
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to hold
+    delivered right after, when ``abort`` can clean up.
+
+    Held by a recording handler, not by a signal mask: the kernel hands a process-directed signal to any thread
+    that does not block it (torch's or tqdm's threads), and Python then runs the handler in the main thread at
+    once, mask or not. ffmpeg does not inherit the handler (exec resets it); it is only ever stopped with SIGKILL
+    or by the end of its input."""
+    if threading.current_thread() is not threading.main_thread():  # handlers are set (and run) in the main thread
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    held: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for signum in held:  # delivered now, to the handler the caller had
+            signal.raise_signal(signum)
 
 
 class VideoReadError(ValueError):

@@ -207,3 +207,26 @@ def test_video_filename_unique_for_shared_prefixes_and_samples():
 def test_video_filename_rejects_negative():
     with pytest.raises(ValueError):
         video_filename(-1, "x", 0)
+
+
+def test_interrupts_are_held_while_the_temporary_file_is_made_and_delivered_after():
+    """A SIGTERM during the creation of the temporary file reaches the caller's handler only after it, whichever
+    thread the kernel hands it to (a mask on the main thread alone would not hold it)."""
+    import os
+    import signal
+    import threading
+
+    from reward_forcing.video_io import _interrupts_deferred
+
+    seen, previous = [], signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with _interrupts_deferred():
+            worker = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM))
+            worker.start()
+            worker.join()
+            for _ in range(1000):  # bytecodes during which Python would run a pending handler
+                pass
+            assert seen == []
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
