@@ -49,6 +49,10 @@ CONFIGS = {name: ROOT / f"configs/toy/{name}.yaml" for name in ("teacher", "ode"
 EXPORT = "export.pt"  # each training stage's final weights, copied out of its run folder
 
 
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Run the whole Reward Forcing recipe on the toy world and check the "
                                 "acceptance gates (docs/toy_world.md).",
@@ -77,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="redmd: the positive control's teacher is fine-tuned on a world whose 'any' clips are fast "
                         "with this probability (default 0.63)")
     p.add_argument("--control_steps", type=int, default=600, help="redmd: the control teacher's fine-tuning steps")
-    p.add_argument("--methods", default=",".join(REDMD_METHODS),
+    p.add_argument("--methods", default=list(REDMD_METHODS), type=comma_list,
                    help="redmd: the methods to train, comma-separated (dmd is always needed: every method is "
                         "compared with it). E.g. 'dmd,control' runs the positive control alone first")
     p.add_argument("--evaluate_only", action="store_true",
@@ -510,7 +514,6 @@ def main(argv=None) -> int:
     if args.evaluate_only and args.study != "redmd":
         print("error: --evaluate_only evaluates the Re-DMD study's runs: add --study redmd", file=sys.stderr)
         return 2
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in REDMD_METHODS]
     if unknown or "dmd" not in args.methods:
         print(f"error: --methods {','.join(args.methods)}: "

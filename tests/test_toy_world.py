@@ -461,8 +461,7 @@ def test_a_study_cut_short_reuses_finished_runs_and_reports_what_is_missing(tmp_
         (tmp_path / name / "checkpoint_model_000008").mkdir(parents=True)
         (tmp_path / name / "checkpoint_model_000008" / "model.pt").write_bytes(b"x")
     args = toy_world.parse_args(["--out", str(tmp_path), "--study", "redmd", "--evaluate_only", "--seeds", "2",
-                                 "--gen_updates", "4"])
-    args.methods = ["dmd", "control"]
+                                 "--gen_updates", "4", "--methods", "dmd,control"])
     control, runs = toy_world.redmd_runs(toy_world.Stages(args), tmp_path / "teacher.pt", tmp_path / "ode.pt")
     assert control.read_bytes() == b"c"
     assert sorted(runs) == [("control", 1), ("dmd", 1)]  # tilt +1 finished too, but was not asked for
