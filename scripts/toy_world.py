@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--study", default="recipe", choices=["recipe", "redmd"],
                    help="recipe: the whole recipe and its gates (default); redmd: the Re-DMD study (docs/toy_world.md, "
                         "'Re-DMD'): plain DMD, the reward-tilted critic at beta -1 / +1, the reference's Re-DMD at "
-                        "--beta, and a positive control, on the 'any' prompts, --seeds seeds each (~hours on 2 cores)")
+                        "--beta, and two positive controls (DMD toward a fine-tuned faster teacher; toward the teacher with one more "
+                        "unit of guidance), on the 'any' prompts, --seeds seeds each (~hours on 2 cores)")
     p.add_argument("--gen_updates", type=int, default=300, help="redmd: generator updates per run (default 300)")
     p.add_argument("--critic_ratio", type=int, default=2, help="redmd: critic steps per generator step (default 2)")
     p.add_argument("--control_fast", type=float, default=0.63,
@@ -83,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--control_steps", type=int, default=600, help="redmd: the control teacher's fine-tuning steps")
     p.add_argument("--methods", default=list(REDMD_METHODS), type=comma_list,
                    help="redmd: the methods to train, comma-separated (dmd is always needed: every method is "
-                        "compared with it). E.g. 'dmd,control' runs the positive control alone first")
+                        "compared with it). E.g. 'dmd,control cfg' runs a positive control alone first")
     p.add_argument("--evaluate_only", action="store_true",
                    help="redmd: train nothing; evaluate the runs that finished (a method missing on a seed is left "
                         "out of that seed's comparisons)")
@@ -338,17 +339,23 @@ REDMD_METHODS = {  # name -> overrides of the DMD config (the reward is net moti
     "tilt -1": ["training.beta=0", "training.critic_tilt_beta=-1"],
     "re-dmd": ["training.critic_tilt_beta=0"],  # training.beta=--beta, set below
     "control": ["training.beta=0"],  # plain DMD toward the control teacher
+    "control cfg": ["training.beta=0"],  # plain DMD toward the teacher with one more unit of guidance (set below)
 }
+CONTROLS = ("control", "control cfg")
 
 
 def redmd_runs(stages: Stages, teacher: Path, student: Path) -> tuple[Path, dict[tuple[str, int], Path]]:
-    """Train the control teacher, then every method x seed on the 'any' prompts; returns their run folders."""
+    """Train the control teacher (when the control is one of the methods), then every method x seed on the 'any'
+    prompts; returns the control teacher (or None) and the runs' folders."""
     args, smoke = stages.args, stages.smoke
     steps = 3 if smoke else args.control_steps
-    (control,) = stages.train([("control_teacher", "teacher", [
-        f"training.teacher_ckpt={teacher}", f"training.toy_any_fast={args.control_fast}", f"training.max_steps={steps}",
-        f"training.save_every={steps}", f"training.lr_cooldown_steps={steps // 2}", "training.lr=3e-4",
-        *(["training.batch_size=4"] if smoke else [])])])
+    control = None
+    if "control" in args.methods:
+        (control,) = stages.train([("control_teacher", "teacher", [
+            f"training.teacher_ckpt={teacher}", f"training.toy_any_fast={args.control_fast}",
+            f"training.max_steps={steps}", f"training.save_every={steps}", f"training.lr_cooldown_steps={steps // 2}",
+            "training.lr=3e-4", *(["training.batch_size=4"] if smoke else [])])])
+    guidance = load_config(CONFIGS["dmd"], args.overrides).training.guidance_scale
     updates, ratio = (2, 1) if smoke else (args.gen_updates, args.critic_ratio)
     total = updates * ratio
     common = [f"training.generator_ckpt={student}", f"training.data_path={ROOT / 'configs/toy/prompts_any.txt'}",
@@ -359,12 +366,14 @@ def redmd_runs(stages: Stages, teacher: Path, student: Path) -> tuple[Path, dict
     # The tilted critic's comparisons first, every seed, then Re-DMD and the control: a study cut short (--evaluate_only
     # on what finished) still has its main gates on every seed
     chosen = set(args.methods)
-    order = [(m, s) for group in (("dmd", "tilt +1", "tilt -1"), ("re-dmd", "control")) for s in seeds for m in group
+    order = [(m, s) for group in (("dmd", "tilt +1", "tilt -1"), ("re-dmd", *CONTROLS)) for s in seeds for m in group
              if m in chosen]
     jobs = []
     for method, seed in order:
         scores = control if method == "control" else teacher
         beta = [f"training.beta={args.beta}"] if method == "re-dmd" else []
+        if method == "control cfg":  # after the study's overrides, so it wins
+            beta.append(f"training.guidance_scale={guidance + 1:g}")
         jobs.append((redmd_run_name(method, seed), "dmd",
                      [*common, f"training.teacher_ckpt={scores}", f"training.critic_ckpt={scores}",
                       f"training.seed={seed}", *REDMD_METHODS[method], *beta]))
@@ -384,7 +393,7 @@ def finished(run: Path, steps: int) -> bool:
     return bool(exports) and int(exports[-1].parent.name.rsplit("_", 1)[1]) == steps
 
 
-def redmd_evaluate(stages: Stages, teacher: Path, control: Path, runs: dict[tuple[str, int], Path]) -> dict:
+def redmd_evaluate(stages: Stages, teacher: Path, control: Path | None, runs: dict[tuple[str, int], Path]) -> dict:
     """Fast fraction on the 'any' prompts (fixed noise) along each run, the other metrics at its end, the paired
     bootstrap of every method against plain DMD, and the prediction for the tilted critic."""
     smoke, beta = stages.smoke, stages.args.beta
@@ -395,12 +404,17 @@ def redmd_evaluate(stages: Stages, teacher: Path, control: Path, runs: dict[tupl
     bimodal = ev.eval_prompts(("any",), 1 if smoke else 8)[:4 if smoke else None]
     others = ev.eval_prompts(("static", "fast"), 1 if smoke else 4)[::3 if smoke else 1]
     results: dict = {"teacher_fast_fraction": {}, "curves": {}, "final": {}, "fast": {}}
-    for name, weights in (("teacher", teacher), ("control teacher", control)):
+    # Each run's teacher at the guidance it used, the distribution DMD converges to. DMD's real score is the
+    # reference's cond + s (cond - uncond) (losses.dmd_gradient), the sampler's uncond + (s + 1) (cond - uncond).
+    g = cfg.training.guidance_scale
+    teachers = [("teacher", teacher, g + 1)]
+    if control is not None:
+        teachers.append(("control teacher", control, g + 1))
+    if any(m == "control cfg" for m, _ in runs):
+        teachers.append(("teacher, guidance +1", teacher, g + 2))
+    for name, weights, guidance in teachers:
         model = build_dit(cfg, "toy", weights=weights, what="teacher").eval()
-        # At the guidance the DMD runs used, the teacher they converge to. DMD's real score is the reference's
-        # cond + s (cond - uncond) (losses.dmd_gradient), the sampler's uncond + (s + 1) (cond - uncond).
-        v = ev.sample_teacher_videos(model, text, bimodal, steps=4 if smoke else 32,
-                                     guidance_scale=cfg.training.guidance_scale + 1)
+        v = ev.sample_teacher_videos(model, text, bimodal, steps=4 if smoke else 32, guidance_scale=guidance)
         results["teacher_fast_fraction"][name] = (ev.metrics.net_motion(v) > ev.FAST_THRESHOLD).float().mean().item()
     rewards = {}
     for (method, seed), run in sorted(runs.items()):
@@ -462,15 +476,18 @@ def redmd_gates(results: dict) -> list[dict]:
     def seeds(m):
         return f"{len(m['seeds'])} seed{'s' if len(m['seeds']) > 1 else ''}"
 
-    missing = [m for m in ("control", "tilt +1", "tilt -1", "re-dmd") if m not in t]
+    missing = [m for m in (*CONTROLS, "tilt +1", "tilt -1", "re-dmd") if m not in t]
     for method in missing:  # a study cut short: said, and failed, never passed silently
         gate(f"{method}: no finished run", float("nan"), False, "a finished run per seed")
-    if "control" in t:
-        control = t["control"]
-        gate(f"positive control: student toward a teacher at "
-             f"{results['teacher_fast_fraction']['control teacher']:.2f} fast ({seeds(control)}, CI "
-             f"{control['ci95'][0]:+.3f}..{control['ci95'][1]:+.3f})", control["difference"],
-             control["ci95"][0] > 0, "CI above 0")
+    shares = results["teacher_fast_fraction"]
+    for method, teacher, how in (("control", "control teacher", "fine-tuned"),
+                                 ("control cfg", "teacher, guidance +1", "guidance +1")):
+        if method not in t:
+            continue
+        control = t[method]
+        gate(f"positive control ({how}): student toward a teacher at {shares[teacher]:.2f} fast, not "
+             f"{shares['teacher']:.2f} ({seeds(control)}, CI {control['ci95'][0]:+.3f}..{control['ci95'][1]:+.3f})",
+             control["difference"], control["ci95"][0] > 0, "CI above 0")
     for method, sign in (("tilt +1", 1), ("tilt -1", -1)):
         if method not in t:
             continue

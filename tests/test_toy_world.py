@@ -408,11 +408,12 @@ def test_toy_world_smoke_runs_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("reuse ") >= 3  # teacher is the smoke's own; pairs and ODE init are reused
     study = json.loads((out / "results_redmd.json").read_text())
-    assert set(study["table"]) == {"dmd", "tilt +1", "tilt -1", "re-dmd", "control"}
+    assert set(study["table"]) == {"dmd", "tilt +1", "tilt -1", "re-dmd", "control", "control cfg"}
+    assert set(study["teacher_fast_fraction"]) == {"teacher", "control teacher", "teacher, guidance +1"}
     assert set(study["curves"]["tilt +1"]) == {"1", "2"}  # fast fraction after each saved export
     assert {"predicted_fast_fraction", "ci95", "fast_fraction", "direction"} <= set(study["table"]["tilt +1"])
-    assert [g["gate"].split(" (")[0].split(":")[0] for g in study["gates"]][:3] == [
-        "positive control", "tilt +1 vs dmd", "tilt -1 vs dmd"]
+    assert [g["gate"].split(" (")[0].split(":")[0] for g in study["gates"]][:4] == [
+        "positive control", "positive control", "tilt +1 vs dmd", "tilt -1 vs dmd"]
     assert (out / "redmd.md").stat().st_size > 0 and (out / "redmd_fast_fraction.png").stat().st_size > 0
 
 
@@ -465,11 +466,21 @@ def test_a_study_cut_short_reuses_finished_runs_and_reports_what_is_missing(tmp_
     control, runs = toy_world.redmd_runs(toy_world.Stages(args), tmp_path / "teacher.pt", tmp_path / "ode.pt")
     assert control.read_bytes() == b"c"
     assert sorted(runs) == [("control", 1), ("dmd", 1)]  # tilt +1 finished too, but was not asked for
+    # the guidance control: plain DMD toward the same teacher with one more unit of guidance than the study's (its
+    # override comes last, so it wins); no control teacher is trained when the fine-tuned control is not asked for
+    jobs = []
+    stages = toy_world.Stages(toy_world.parse_args(["--out", str(tmp_path / "c"), "--study", "redmd", "--seeds", "1",
+                                                    "--methods", "dmd,control cfg", "training.guidance_scale=0.5"]))
+    stages.train = lambda todo: jobs.extend(todo) or [tmp_path / "c" / name / "export.pt" for name, _, _ in todo]
+    control, runs = toy_world.redmd_runs(stages, tmp_path / "teacher.pt", tmp_path / "ode.pt")
+    assert control is None and [name for name, _, _ in jobs] == ["redmd_dmd_seed0", "redmd_controlcfg_seed0"]
+    guidance = [load_config(toy_world.CONFIGS["dmd"], overrides).training.guidance_scale for _, _, overrides in jobs]
+    assert guidance == [0.5, 1.5]
     entry = {"seeds": [0], "fast_fraction": [0.6], "dmd_fast_fraction": [0.5], "difference": 0.1, "ci95": [0.05, 0.15],
              "predicted_fast_fraction": 0.7}
     rows = toy_world.redmd_gates({"table": {"dmd": entry, "tilt +1": entry}, "teacher_fast_fraction": {}, "beta": 3})
     verdicts = {r["gate"].split(" (")[0].split(":")[0]: r["pass"] for r in rows}
-    assert verdicts == {"control": False, "tilt -1": False, "re-dmd": False, "tilt +1 vs dmd": True}
+    assert verdicts == {"control": False, "control cfg": False, "tilt -1": False, "re-dmd": False, "tilt +1 vs dmd": True}
 
 
 def test_a_failed_stage_stops_the_trainings_running_beside_it(tmp_path):
