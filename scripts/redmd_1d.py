@@ -1,4 +1,4 @@
-"""Where DMD's reward weightings lead, checked in one dimension, where every score is exact (docs/toy_world.md, "Re-DMD").
+"""Where DMD's reward weightings lead, checked in 1-D, where every score is exact (docs/toy_world.md, "Re-DMD").
 
     python scripts/redmd_1d.py                      # the table (~2 minutes on one core)
     python scripts/redmd_1d.py --plot runs/redmd_1d.png
@@ -51,8 +51,9 @@ class Method:
         return fast / (fast + (1 - teacher_fast) * mean_exp_reward(MODES[0].item(), self.critic_beta))
 
 
-METHODS = {m.name: m for m in (Method("dmd"), Method("re-dmd 1", generator_beta=1), Method("re-dmd 3", generator_beta=3),
-                               Method("tilt +1", critic_beta=1), Method("tilt -1", critic_beta=-1))}
+METHODS = {m.name: m for m in (Method("dmd"), Method("re-dmd 1", generator_beta=1),
+                               Method("re-dmd 3", generator_beta=3), Method("tilt +1", critic_beta=1),
+                               Method("tilt -1", critic_beta=-1))}
 
 
 def reward(x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 "two-mode teacher with exact scores: where does each put the fast mode's share?")
     p.add_argument("--teacher_fast", type=float, default=0.385, help="the teacher's fast share (default 0.385)")
     p.add_argument("--starts", type=float, nargs="+", default=[0.1, 0.8], help="the students' initial fast shares")
-    p.add_argument("--particles", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--particles", type=int, default=512, help="the generator's free samples (default 512)")
+    p.add_argument("--steps", type=int, default=3000, help="generator steps per run (default 3000)")
     p.add_argument("--lr", type=float, default=1.0, help="step size of a particle per unit weight and gradient")
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
                    help=f"comma-separated, of: {', '.join(METHODS)}")
@@ -122,6 +123,10 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: --methods: {unknown[0]!r} is not one of {', '.join(METHODS)}", file=sys.stderr)
         return 2
+    if not 0 < args.teacher_fast < 1 or not all(0 <= x <= 1 for x in args.starts) or args.particles < 2:
+        print(f"error: --teacher_fast {args.teacher_fast} must be in (0, 1), --starts {args.starts} in [0, 1] and "
+              f"--particles {args.particles} at least 2", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     print(f"teacher fast share {args.teacher_fast}; {args.particles} particles, {args.steps} steps, lr {args.lr}\n")
     print("| method | predicted | " + " | ".join(f"from {s:g}" for s in args.starts) + " | fast mode's mean x |")
@@ -134,7 +139,8 @@ def main(argv=None) -> int:
         curves[name] = [r["curve"] for r in runs]
         print(f"| {name} | {method.predicted(args.teacher_fast):.3f} | "
               + " | ".join(f"{r['fast_fraction']:.3f}" for r in runs)
-              + f" | {sum(r['fast_mean'] for r in runs) / len(runs):.3f} |  ({time.time() - started:.0f} s)", flush=True)
+              + f" | {sum(r['fast_mean'] for r in runs) / len(runs):.3f} |  ({time.time() - started:.0f} s)",
+              flush=True)
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")

@@ -74,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--study", default="recipe", choices=["recipe", "redmd"],
                    help="recipe: the whole recipe and its gates (default); redmd: the Re-DMD study (docs/toy_world.md, "
                         "'Re-DMD'): plain DMD, the reward-tilted critic at beta -1 / +1, the reference's Re-DMD at "
-                        "--beta, and two positive controls (DMD toward a fine-tuned faster teacher; toward the teacher with one more "
-                        "unit of guidance), on the 'any' prompts, --seeds seeds each (~hours on 2 cores)")
+                        "--beta, and two positive controls (DMD toward a fine-tuned faster teacher; toward the teacher "
+                        "with one more unit of guidance), on the 'any' prompts, --seeds seeds each (~hours on 2 cores)")
     p.add_argument("--gen_updates", type=int, default=300, help="redmd: generator updates per run (default 300)")
     p.add_argument("--critic_ratio", type=int, default=2, help="redmd: critic steps per generator step (default 2)")
     p.add_argument("--control_fast", type=float, default=0.63,
@@ -344,7 +344,7 @@ REDMD_METHODS = {  # name -> overrides of the DMD config (the reward is net moti
 CONTROLS = ("control", "control cfg")
 
 
-def redmd_runs(stages: Stages, teacher: Path, student: Path) -> tuple[Path, dict[tuple[str, int], Path]]:
+def redmd_runs(stages: Stages, teacher: Path, student: Path) -> tuple[Path | None, dict[tuple[str, int], Path]]:
     """Train the control teacher (when the control is one of the methods), then every method x seed on the 'any'
     prompts; returns the control teacher (or None) and the runs' folders."""
     args, smoke = stages.args, stages.smoke

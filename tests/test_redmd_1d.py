@@ -49,3 +49,5 @@ def test_tilted_critic_moves_the_share_to_the_prediction(shares):
 def test_cli_rejects_an_unknown_method(capsys):
     assert redmd_1d.main(["--methods", "dmd,tilt +2"]) == 2
     assert "'tilt +2' is not one of" in capsys.readouterr().err
+    assert redmd_1d.main(["--teacher_fast", "1.5"]) == 2
+    assert "--teacher_fast 1.5 must be in (0, 1)" in capsys.readouterr().err

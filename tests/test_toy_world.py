@@ -480,7 +480,8 @@ def test_a_study_cut_short_reuses_finished_runs_and_reports_what_is_missing(tmp_
              "predicted_fast_fraction": 0.7}
     rows = toy_world.redmd_gates({"table": {"dmd": entry, "tilt +1": entry}, "teacher_fast_fraction": {}, "beta": 3})
     verdicts = {r["gate"].split(" (")[0].split(":")[0]: r["pass"] for r in rows}
-    assert verdicts == {"control": False, "control cfg": False, "tilt -1": False, "re-dmd": False, "tilt +1 vs dmd": True}
+    assert verdicts == {"control": False, "control cfg": False, "tilt -1": False, "re-dmd": False,
+                        "tilt +1 vs dmd": True}
 
 
 def test_a_failed_stage_stops_the_trainings_running_beside_it(tmp_path):
