@@ -1,6 +1,6 @@
 """scripts/redmd_1d.py: the fixed-point argument of docs/toy_world.md ("Re-DMD") on a 1-D teacher with exact scores.
 Plain DMD and the reference's Re-DMD rest at the teacher's share of the fast mode; the reward-tilted critic at the
-teacher's odds times exp(beta), on either side."""
+teacher tilted by exp(beta r) (its odds times the modes' mean exp(beta r)), on either side."""
 import math
 import sys
 from pathlib import Path
@@ -46,7 +46,7 @@ def test_tilted_critic_moves_the_share_to_the_prediction(shares):
     assert shares["tilt +1"]["fast_mean"] == pytest.approx(1.0, abs=0.05)
 
 
-def test_cli_rejects_an_unknown_method(capsys):
+def test_cli_rejects_bad_arguments(capsys):
     assert redmd_1d.main(["--methods", "dmd,tilt +2"]) == 2
     assert "'tilt +2' is not one of" in capsys.readouterr().err
     assert redmd_1d.main(["--teacher_fast", "1.5"]) == 2
